@@ -1,0 +1,21 @@
+"""MedMoE: a medical vision-language model with a mixture of modality experts (arXiv 2506.08356)."""
+
+from .configuration_medmoe import PRESETS, MedMoEConfig, MedMoEVisionConfig
+from .image_processing_medmoe import MedMoEImageProcessor
+from .modeling_medmoe import MedMoEModel, MedMoEOutput, MedMoEPreTrainedModel
+from .processing_medmoe import MedMoEProcessor
+from .report_types import UNKNOWN_REPORT_TYPE, detect_modality, report_type_index
+
+__all__ = [
+    "PRESETS",
+    "UNKNOWN_REPORT_TYPE",
+    "MedMoEConfig",
+    "MedMoEImageProcessor",
+    "MedMoEModel",
+    "MedMoEOutput",
+    "MedMoEPreTrainedModel",
+    "MedMoEProcessor",
+    "MedMoEVisionConfig",
+    "detect_modality",
+    "report_type_index",
+]

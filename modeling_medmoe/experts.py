@@ -1,0 +1,112 @@
+"""Modality experts: multi-scale fusion with per-location scale attention, and hard top-1 sparse dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_medmoe import MedMoEVisionConfig
+
+
+class ScaleProjection(nn.Sequential):
+    """Brings one pyramid level to width D: a 1x1 conv, then (depth - 1) GroupNorm -> GELU -> 3x3 conv blocks.
+
+    [n, C_l, H_l, W_l] -> [n, D, H_l, W_l]. GroupNorm keeps the result independent of which other samples share
+    the expert's micro-batch.
+    """
+
+    def __init__(self, in_channels: int, width: int, depth: int):
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, kernel_size=1)]
+        for _ in range(depth - 1):
+            layers += [
+                nn.GroupNorm(math.gcd(32, width), width),
+                nn.GELU(),
+                nn.Conv2d(width, width, kernel_size=3, padding=1),
+            ]
+        super().__init__(*layers)
+
+
+class ScaleFusionExpert(nn.Module):
+    """One modality expert E_k: V_k = sum_l beta_k^(l) * F_k^(l) (paper, section 4).
+
+    Every level l is projected to width D (F_k^(l)), resized in 2-D to the local grid, and an MLP
+    (D -> hidden -> 1, shared across levels) scores each level at each location; a softmax over levels gives the
+    scale attention beta.
+    """
+
+    def __init__(self, level_channels: list[int], config: MedMoEVisionConfig):
+        super().__init__()
+        width = config.expert_dim
+        hidden = config.scale_attention_hidden_dim or width // 2
+        self.projections = nn.ModuleList(
+            ScaleProjection(channels, width, config.expert_depth) for channels in level_channels
+        )
+        self.scale_scorer = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, levels: list[torch.Tensor], grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """levels: 4 maps [n, C_l, H_l, W_l]. Returns (local map [n, D, h, w], scale attention [n, levels, h, w])."""
+        resized = []
+        for projection, level in zip(self.projections, levels):
+            projected = projection(level)
+            if projected.shape[-2:] != grid_size:
+                projected = F.interpolate(projected, size=grid_size, mode="bilinear", align_corners=False)
+            resized.append(projected)
+        stacked = torch.stack(resized, dim=1)  # [n, levels, D, h, w]
+        scale_logits = self.scale_scorer(stacked.permute(0, 1, 3, 4, 2)).squeeze(-1)  # [n, levels, h, w]
+        scale_attention = scale_logits.softmax(dim=1)
+        local_map = (scale_attention.unsqueeze(2) * stacked).sum(dim=1)
+        return local_map, scale_attention
+
+
+class RouterMLP(nn.Sequential):
+    """alpha = softmax(W2 ReLU(W1 x)); this module returns the logits W2 ReLU(W1 x): [n, in] -> [n, K]."""
+
+    def __init__(self, in_features: int, hidden_features: int, num_experts: int):
+        super().__init__(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, num_experts))
+
+
+class MixtureOfModalityExperts(nn.Module):
+    """K experts with hard top-1 dispatch: each sample runs through its chosen expert only.
+
+    The batch is sorted by expert, each expert runs once on its group, and the outputs are put back in batch
+    order. The gate probability of the chosen expert multiplies the output as p / stop_gradient(p): the value is
+    the expert's output unchanged, and the router receives the gradient of a probability-weighted mixture
+    (a straight-through estimator).
+    """
+
+    def __init__(self, level_channels: list[int], num_experts: int, config: MedMoEVisionConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(ScaleFusionExpert(level_channels, config) for _ in range(num_experts))
+
+    def forward(
+        self,
+        levels: list[torch.Tensor],
+        expert_index: torch.Tensor,
+        gate_probability: torch.Tensor,
+        grid_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """levels: 4 maps [batch, C_l, H_l, W_l]; expert_index, gate_probability: [batch].
+
+        Returns (local map [batch, D, h, w], scale attention [batch, levels, h, w]).
+        """
+        order = torch.argsort(expert_index, stable=True)
+        group_sizes = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
+        sorted_levels = [level.index_select(0, order) for level in levels]
+        local_maps, scale_attentions = [], []
+        start = 0
+        for expert, size in zip(self.experts, group_sizes):
+            if size == 0:
+                continue
+            group = [level[start : start + size] for level in sorted_levels]
+            local_map, scale_attention = expert(group, grid_size)
+            local_maps.append(local_map)
+            scale_attentions.append(scale_attention)
+            start += size
+        restore = torch.argsort(order)
+        local_map = torch.cat(local_maps).index_select(0, restore)
+        scale_attention = torch.cat(scale_attentions).index_select(0, restore)
+        straight_through = gate_probability / gate_probability.detach()
+        return local_map * straight_through.to(local_map.dtype)[:, None, None, None], scale_attention

@@ -1,0 +1,373 @@
+"""MedMoE: a CLIP-style medical vision-language model with a mixture of modality experts (arXiv 2506.08356).
+
+Data flow: pixel_values -> VisionPyramid (4 levels) -> router (hard top-1) -> the chosen ScaleFusionExpert ->
+local map [B, D, h, w] -> region embeddings and a pooled image embedding; input_ids -> TextTower -> report
+embedding and word embeddings; then the global, local and routing losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_medmoe import MedMoEConfig
+from .experts import MixtureOfModalityExperts, RouterMLP, ScaleFusionExpert
+from .losses import (
+    global_contrastive_loss,
+    load_balancing_loss,
+    local_contrastive_loss,
+    report_type_cross_entropy,
+    word_region_attention,
+)
+from .text import TextTower, merge_word_pieces
+from .vision import VisionPyramid
+
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class MedMoEOutput(ModelOutput):
+    """Outputs of `MedMoEModel.forward`. B_i images, B_t reports, P = projection_dim, K experts, (h, w) the local
+    grid, W words, D = expert_dim.
+
+    Args:
+        loss: weighted total of the loss parts below (when `return_loss=True`).
+        logits_per_image: [B_i, B_t] scaled cosine similarities; `logits_per_text` is its transpose.
+        image_embeds, text_embeds: [B_i, P], [B_t, P], L2-normalised global embeddings.
+        region_embeds: [B_i, h * w, P] local image embeddings (row-major over the grid); present with `word_ids`.
+        word_embeds: [B_t, W, P] word embeddings (word pieces merged, special tokens and punctuation dropped);
+            word_mask [B_t, W] marks real words. Present when `word_ids` is given.
+        word_region_attention: [B, W, h, w] attention of each report's words over its own image (paired batches).
+        local_map: [B_i, D, h, w] the chosen expert's fused multi-scale map.
+        scale_attention: [B_i, 4, h, w] the chosen expert's softmax over pyramid levels at each location.
+        router_logits: [B_i, K] the image router's logits; text_router_logits: [B_t, K] the report router's
+            (also the report-type classifier of the paper's section 4.5).
+        expert_index: [B_i] the expert each image was routed to.
+        global_loss, local_loss, report_type_loss, router_loss, load_balance_loss: the unweighted loss parts.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    word_embeds: torch.FloatTensor | None = None
+    word_mask: torch.BoolTensor | None = None
+    word_region_attention: torch.FloatTensor | None = None
+    local_map: torch.FloatTensor | None = None
+    scale_attention: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    text_router_logits: torch.FloatTensor | None = None
+    expert_index: torch.LongTensor | None = None
+    global_loss: torch.FloatTensor | None = None
+    local_loss: torch.FloatTensor | None = None
+    report_type_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
+    load_balance_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class ImageEncoding(ModelOutput):
+    """The image side of MedMoE; shapes as in `MedMoEOutput`. `image_embeds` here is not normalised; `regions`
+    [B, h * w, D] is the local map as a sequence (project it with `region_projection` for region embeddings)."""
+
+    image_embeds: torch.FloatTensor | None = None
+    regions: torch.FloatTensor | None = None
+    local_map: torch.FloatTensor | None = None
+    scale_attention: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    expert_index: torch.LongTensor | None = None
+
+
+@dataclass
+class TextEncoding(ModelOutput):
+    """The text side of MedMoE; shapes as in `MedMoEOutput`. `text_embeds` here is not normalised."""
+
+    text_embeds: torch.FloatTensor | None = None
+    word_embeds: torch.FloatTensor | None = None
+    word_mask: torch.BoolTensor | None = None
+    text_router_logits: torch.FloatTensor | None = None
+    token_features: torch.FloatTensor | None = None
+
+
+class MedMoEPreTrainedModel(PreTrainedModel):
+    config: MedMoEConfig
+    config_class = MedMoEConfig
+    base_model_prefix = "medmoe"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Our layers get normal(0, initializer_range) weights and zero biases, the logit scale its initial value;
+        the timm backbone keeps timm's initialisation and the text encoder its own. Loading builds the model on the
+        meta device, so timm modules recompute their non-persistent buffers (e.g. Swin's relative position index)
+        here."""
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+        if isinstance(module, (ScaleFusionExpert, RouterMLP)):
+            self._init_own_layers(module)
+        elif isinstance(module, MedMoEModel):
+            for projection in module.embedding_projections():
+                self._init_own_layers(projection)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    def _init_own_layers(self, module: nn.Module) -> None:
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                init.normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
+                if layer.bias is not None:
+                    init.zeros_(layer.bias)
+            elif isinstance(layer, nn.GroupNorm):
+                init.ones_(layer.weight)
+                init.zeros_(layer.bias)
+
+
+class MedMoEModel(MedMoEPreTrainedModel):
+    """MedMoE: image and report encoders in a shared space, with hard top-1 modality experts on the image side.
+
+    Example:
+        >>> config = MedMoEConfig.from_preset("nano")
+        >>> model = MedMoEModel(config)
+        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, word_ids=word_ids, return_loss=True)
+    """
+
+    def __init__(self, config: MedMoEConfig):
+        super().__init__(config)
+        vision_config = config.vision_config
+        self.vision_pyramid = VisionPyramid(vision_config)
+        levels = self.vision_pyramid.channels
+        self.experts = MixtureOfModalityExperts(levels, config.num_experts, vision_config)
+        router_hidden = vision_config.router_hidden_dim or max(levels[-1] // 2, config.num_experts)
+        self.image_router = RouterMLP(levels[-1], router_hidden, config.num_experts)
+        self.text_tower = TextTower(config.text_config, config.text_hidden_layers_to_sum)
+        text_hidden = config.text_config.hidden_size
+        self.text_router = RouterMLP(text_hidden, router_hidden, config.num_experts)
+        self.image_projection = nn.Linear(vision_config.expert_dim, config.projection_dim)
+        self.region_projection = nn.Linear(vision_config.expert_dim, config.projection_dim)
+        self.text_projection = nn.Linear(text_hidden, config.projection_dim)
+        self.word_projection = nn.Linear(text_hidden, config.projection_dim)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        finest_stride = self.vision_pyramid.reductions[0]
+        grid = vision_config.local_grid_size or vision_config.image_size // finest_stride
+        self.local_grid_size = (grid, grid)
+        self.post_init()
+
+    def embedding_projections(self) -> list[nn.Linear]:
+        return [self.image_projection, self.region_projection, self.text_projection, self.word_projection]
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        expert_index: torch.Tensor | None = None,
+        text_router_logits: torch.Tensor | None = None,
+    ) -> ImageEncoding:
+        """Image side. pixel_values [B, 3, H, W] -> `ImageEncoding`.
+
+        The expert is `expert_index` [B] when given (e.g. a known modality), otherwise the router's choice:
+        the image router, or the text router (`text_router_logits` [B, K]) when `router_input` says so.
+        """
+        levels = self.vision_pyramid(pixel_values)
+        router_logits = self.image_router(levels[-1].mean(dim=(2, 3)))
+        routing_logits = self._routing_logits(router_logits, text_router_logits)
+        gate_probabilities = routing_logits.float().softmax(dim=-1)
+        if expert_index is None:
+            expert_index = gate_probabilities.argmax(dim=-1)
+        gate = gate_probabilities.gather(1, expert_index[:, None]).squeeze(1)
+        local_map, scale_attention = self.experts(levels, expert_index, gate, self.local_grid_size)
+        regions = local_map.flatten(2).transpose(1, 2)  # [B, h * w, D]
+        return ImageEncoding(
+            image_embeds=self.image_projection(regions.mean(dim=1)),
+            regions=regions,
+            local_map=local_map,
+            scale_attention=scale_attention,
+            router_logits=router_logits,
+            expert_index=expert_index,
+        )
+
+    def _routing_logits(self, image_router_logits: torch.Tensor, text_router_logits: torch.Tensor | None):
+        """Which router decides: see `MedMoEConfig.router_input`."""
+        mode = self.config.router_input
+        if mode == "image" or (mode == "text_teacher" and not self.training):
+            return image_router_logits
+        if text_router_logits is None:
+            if mode == "text_teacher":
+                return image_router_logits
+            raise ValueError(
+                "router_input='text' routes each image by its report: pass input_ids with the images (one report "
+                "per image), or an explicit expert_index."
+            )
+        if text_router_logits.shape[0] != image_router_logits.shape[0]:
+            raise ValueError(
+                f"router_input={mode!r} routes by the paired report, but got {image_router_logits.shape[0]} images "
+                f"and {text_router_logits.shape[0]} reports."
+            )
+        return text_router_logits
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        word_ids: torch.Tensor | None = None,
+    ) -> TextEncoding:
+        """Text side. input_ids [B, L] (and word_ids [B, L] for word embeddings) -> `TextEncoding`."""
+        token_features = self.text_tower(input_ids, attention_mask, token_type_ids)
+        report_feature = token_features[:, 0]
+        word_embeds = word_mask = None
+        if word_ids is not None:
+            word_features, word_mask = merge_word_pieces(token_features, word_ids)
+            word_embeds = self.word_projection(word_features)
+        return TextEncoding(
+            text_embeds=self.text_projection(report_feature),
+            word_embeds=word_embeds,
+            word_mask=word_mask,
+            text_router_logits=self.text_router(report_feature),
+            token_features=token_features,
+        )
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, expert_index: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """pooler_output: the projected global image embedding [B, P] (not normalised, as CLIP);
+        last_hidden_state: the chosen expert's local map as a sequence [B, h * w, D]."""
+        image = self.encode_image(pixel_values, expert_index=expert_index)
+        return BaseModelOutputWithPooling(last_hidden_state=image.regions, pooler_output=image.image_embeds)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """pooler_output: the projected report embedding [B, P] (not normalised, as CLIP);
+        last_hidden_state: the token features [B, L, hidden]."""
+        text = self.encode_text(input_ids, attention_mask, token_type_ids)
+        return BaseModelOutputWithPooling(last_hidden_state=text.token_features, pooler_output=text.text_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        word_ids: torch.Tensor | None = None,
+        report_type_labels: torch.Tensor | None = None,
+        expert_index: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MedMoEOutput | tuple:
+        """Encode images and/or reports; with both, score every image against every report.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: [B_t, L] tokenised reports.
+            pixel_values: [B_i, 3, H, W] from `MedMoEImageProcessor`.
+            word_ids: [B_t, L] word index of each token, -1 for non-words (from `MedMoEProcessor`); needed for the
+                word embeddings and the local loss.
+            report_type_labels: [B] report type per pair (index into `config.expert_names`, -100 = unknown); when
+                left out, the routing losses are skipped.
+            expert_index: [B_i] force these experts instead of routing.
+            return_loss: compute the losses (needs paired batches, B_i == B_t).
+        """
+        text = image = None
+        if input_ids is not None:
+            text = self.encode_text(input_ids, attention_mask, token_type_ids, word_ids)
+        if pixel_values is not None:
+            text_router_logits = text.text_router_logits if text is not None else None
+            image = self.encode_image(pixel_values, expert_index, text_router_logits)
+        output = MedMoEOutput(
+            text_embeds=F.normalize(text.text_embeds, dim=-1) if text is not None else None,
+            word_embeds=text.word_embeds if text is not None else None,
+            word_mask=text.word_mask if text is not None else None,
+            text_router_logits=text.text_router_logits if text is not None else None,
+        )
+        if image is not None:
+            output.image_embeds = F.normalize(image.image_embeds, dim=-1)
+            output.local_map = image.local_map
+            output.scale_attention = image.scale_attention
+            output.router_logits = image.router_logits
+            output.expert_index = image.expert_index
+        if text is not None and image is not None:
+            logit_scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            output.logits_per_text = logit_scale * output.text_embeds @ output.image_embeds.T
+            output.logits_per_image = output.logits_per_text.T
+            if text.word_embeds is not None:
+                output.region_embeds = self.region_projection(image.regions)
+                if output.region_embeds.shape[0] == text.word_embeds.shape[0]:
+                    output.word_region_attention = self._paired_word_region_attention(output)
+            if return_loss:
+                self._add_losses(output, text, image, logit_scale, report_type_labels)
+        elif return_loss:
+            raise ValueError("return_loss=True needs both input_ids and pixel_values.")
+        return output if return_dict is not False else output.to_tuple()
+
+    def _paired_word_region_attention(self, output: MedMoEOutput) -> torch.Tensor:
+        """Attention of report i's words over image i's regions: [B, W, h, w]."""
+        scores = torch.einsum("bwp,brp->bwr", output.word_embeds, output.region_embeds)
+        attention = word_region_attention(scores, output.word_mask, self.config.local_temperature_attention)
+        return attention.unflatten(-1, self.local_grid_size)
+
+    def _add_losses(
+        self,
+        output: MedMoEOutput,
+        text: TextEncoding,
+        image: ImageEncoding,
+        logit_scale: torch.Tensor,
+        report_type_labels: torch.Tensor | None,
+    ) -> None:
+        """Fill the loss parts and their weighted total into `output`."""
+        config = self.config
+        if output.image_embeds.shape[0] != output.text_embeds.shape[0]:
+            raise ValueError("The losses need one report per image (paired batches).")
+        output.global_loss = global_contrastive_loss(
+            output.image_embeds.float(), output.text_embeds.float(), logit_scale.float()
+        )
+        loss = config.global_loss_weight * output.global_loss
+        if config.local_loss_weight > 0:
+            if text.word_embeds is None:
+                raise ValueError("The local loss needs word_ids (MedMoEProcessor returns them).")
+            output.local_loss = local_contrastive_loss(
+                output.word_embeds.float(),
+                output.word_mask,
+                output.region_embeds.float(),
+                config.local_temperature_attention,
+                config.local_temperature_word,
+                config.local_temperature_logits,
+                config.local_loss_chunk_size,
+            )
+            loss = loss + config.local_loss_weight * output.local_loss
+        if report_type_labels is not None and config.num_experts > 1:
+            output.report_type_loss = report_type_cross_entropy(text.text_router_logits, report_type_labels)
+            output.router_loss = self._router_loss(text, image, report_type_labels)
+            loss = loss + config.report_type_loss_weight * output.report_type_loss
+            loss = loss + config.router_loss_weight * output.router_loss
+        if config.load_balance_loss_weight > 0:
+            routing_logits = self._routing_logits(image.router_logits, text.text_router_logits)
+            output.load_balance_loss = load_balancing_loss(routing_logits.float(), image.expert_index)
+            loss = loss + config.load_balance_loss_weight * output.load_balance_loss
+        output.loss = loss
+
+    def _router_loss(self, text: TextEncoding, image: ImageEncoding, report_type_labels: torch.Tensor):
+        """image: CE of the image router against the report type; text_teacher: CE of the image router against
+        the text router's choice (distillation); text: the text router is trained by the report-type loss."""
+        mode = self.config.router_input
+        if mode == "image":
+            return report_type_cross_entropy(image.router_logits, report_type_labels)
+        if mode == "text_teacher":
+            teacher_choice = text.text_router_logits.detach().argmax(dim=-1)
+            return report_type_cross_entropy(image.router_logits, teacher_choice)
+        return image.router_logits.sum() * 0.0
+
+
+MedMoEModel.register_for_auto_class("AutoModel")

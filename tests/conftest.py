@@ -1,0 +1,59 @@
+"""Shared fixtures: a tokenizer trained offline, a nano model sized to it, a processor and a small paired batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
+from training.tokenizer import train_wordpiece_tokenizer
+
+REPORTS = [
+    "Chest radiograph shows a small nodule in the left upper lobe.",
+    "Axial CT of the abdomen with a hypodense lesion in the liver.",
+    "T2-weighted MRI: hyperintense focus in the right frontal lobe.",
+    "Breast ultrasound shows a hypoechoic mass at the 2 o'clock position.",
+    "H&E stained section with a dense cluster of atypical cells.",
+    "Fundus photograph with drusen near the macula.",
+    "No acute findings.",
+    "Unremarkable study; pneumothorax-free lungs, well-expanded.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_wordpiece_tokenizer(REPORTS * 4, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def nano_config(tokenizer) -> MedMoEConfig:
+    config = MedMoEConfig.from_preset("nano")
+    config.text_config.vocab_size = tokenizer.vocab_size
+    return config
+
+
+@pytest.fixture
+def model(nano_config) -> MedMoEModel:
+    torch.manual_seed(0)
+    return MedMoEModel(nano_config)
+
+
+@pytest.fixture(scope="session")
+def processor(nano_config, tokenizer) -> MedMoEProcessor:
+    side = nano_config.vision_config.image_size
+    return MedMoEProcessor(
+        image_processor=MedMoEImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer
+    )
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    generator = np.random.default_rng(0)
+    return [Image.fromarray(generator.integers(0, 256, size=(70 + 5 * i, 90), dtype=np.uint8)) for i in range(8)]
+
+
+@pytest.fixture
+def batch(processor, images):
+    return processor(images=images, text=REPORTS, return_tensors="pt", padding=True, truncation=True)

@@ -1,0 +1,134 @@
+"""MedMoEModel behaviour: sparse dispatch, router gradients, routing modes, checkpointing, dtype."""
+
+import pytest
+import torch
+
+from modeling_medmoe import MedMoEModel
+
+
+def count_expert_calls(model):
+    calls = [0] * len(model.experts.experts)
+    samples = [0] * len(model.experts.experts)
+    for index, expert in enumerate(model.experts.experts):
+
+        def hook(module, args, index=index):
+            calls[index] += 1
+            samples[index] += args[0][0].shape[0]
+
+        expert.register_forward_pre_hook(hook)
+    return calls, samples
+
+
+def test_forward_returns_the_documented_outputs(model, batch):
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
+    out = model(**batch, return_loss=True, report_type_labels=labels)
+    batch_size, projection = 8, model.config.projection_dim
+    grid = model.local_grid_size
+    assert out.logits_per_image.shape == (batch_size, batch_size)
+    torch.testing.assert_close(out.logits_per_text, out.logits_per_image.T)
+    assert out.image_embeds.shape == out.text_embeds.shape == (batch_size, projection)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(batch_size))
+    assert out.region_embeds.shape == (batch_size, grid[0] * grid[1], projection)
+    assert out.local_map.shape == (batch_size, model.config.vision_config.expert_dim, *grid)
+    assert out.scale_attention.shape == (batch_size, 4, *grid)
+    torch.testing.assert_close(out.scale_attention.sum(dim=1), torch.ones(batch_size, *grid))
+    assert out.router_logits.shape == out.text_router_logits.shape == (batch_size, model.config.num_experts)
+    assert out.word_region_attention.shape[:1] == (batch_size,) and out.word_region_attention.shape[2:] == grid
+    for part in ("global_loss", "local_loss", "report_type_loss", "router_loss"):
+        assert torch.isfinite(getattr(out, part)), part
+    expected = out.global_loss + out.local_loss + out.report_type_loss + out.router_loss
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_only_the_chosen_expert_runs(model, batch):
+    calls, samples = count_expert_calls(model)
+    forced = torch.tensor([2, 2, 5, 2, 5, 5, 2, 2])
+    out = model(pixel_values=batch["pixel_values"], expert_index=forced)
+    assert calls == [0, 0, 1, 0, 0, 1]
+    assert samples == [0, 0, 5, 0, 0, 3]
+    assert out.expert_index.tolist() == forced.tolist()
+
+
+def test_dispatch_keeps_each_sample_with_its_own_expert(model, batch):
+    """A mixed batch gives each image the same output as running it alone through its expert."""
+    model.eval()
+    forced = torch.tensor([3, 0, 3, 1, 0, 5, 1, 3])
+    mixed = model.get_image_features(pixel_values=batch["pixel_values"], expert_index=forced).pooler_output
+    for row in (0, 3, 5):
+        alone = model.get_image_features(
+            pixel_values=batch["pixel_values"][row : row + 1], expert_index=forced[row : row + 1]
+        )
+        torch.testing.assert_close(mixed[row], alone.pooler_output[0], atol=1e-5, rtol=1e-4)
+
+
+def test_router_gets_gradient_from_the_contrastive_loss(model, batch):
+    model.config.router_loss_weight = 0.0
+    model.config.report_type_loss_weight = 0.0
+    out = model(**batch, return_loss=True)
+    out.loss.backward()
+    router_gradient = model.image_router[-1].weight.grad
+    assert router_gradient is not None and router_gradient.abs().sum() > 0
+
+
+def route_to(router, expert):
+    """Make a router MLP choose `expert` whatever its (non-negative after ReLU) input."""
+    with torch.no_grad():
+        for parameter in router.parameters():
+            parameter.zero_()
+        router[-1].bias[expert] = 10.0
+
+
+@pytest.mark.parametrize(
+    "router_input, training, expected",
+    [
+        ("image", True, 1),
+        ("image", False, 1),
+        ("text", True, 4),
+        ("text", False, 4),
+        ("text_teacher", True, 4),
+        ("text_teacher", False, 1),
+    ],
+)
+def test_routing_follows_the_configured_router(nano_config, batch, router_input, training, expected):
+    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": router_input})
+    model = MedMoEModel(config).train(training)
+    route_to(model.image_router, 1)
+    route_to(model.text_router, 4)
+    out = model(**batch)
+    assert out.expert_index.tolist() == [expected] * 8
+
+
+def test_text_routing_without_a_report_says_what_to_pass(nano_config, batch):
+    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text"})
+    model = MedMoEModel(config)
+    with pytest.raises(ValueError, match="routes each image by its report"):
+        model.get_image_features(pixel_values=batch["pixel_values"])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
+    """In training mode (dropout and stochastic depth on): the recomputation replays the same random draws."""
+    model.train()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
+    results = []
+    for enable in (False, True):
+        model.zero_grad()
+        if enable:
+            model.activation_checkpointing_enable()
+        assert model.vision_pyramid.gradient_checkpointing is enable
+        assert model.text_tower.encoder.encoder.layer[0].gradient_checkpointing is enable
+        torch.manual_seed(3)
+        out = model(**batch, return_loss=True, report_type_labels=labels)
+        out.loss.backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+        results.append((out.loss.detach(), gradients))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_loads_in_bfloat16(model, batch, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = MedMoEModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.image_projection.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = loaded(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
+    assert out.logits_per_image.dtype == torch.bfloat16
+    assert torch.isfinite(out.logits_per_image.float()).all()

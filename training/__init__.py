@@ -1,0 +1,1 @@
+"""MedMoE training: pretraining, evaluation and fine-tuning scripts and the modules they share."""
