@@ -46,18 +46,18 @@ def global_contrastive_loss(
 
 
 def word_region_attention(
-    word_region_scores: torch.Tensor, word_mask: torch.Tensor, attention_temperature: float
+    word_region_scores: torch.Tensor, word_mask: torch.Tensor, attention_temperature: float, word_dim: int = -2
 ) -> torch.Tensor:
     """GLoRIA's attention of words over regions: softmax_regions(temp1 * softmax_words(w . r)).
 
     Args:
-        word_region_scores: dot products w . r, [..., words, regions].
+        word_region_scores: dot products w . r, [..., words, regions] (words at `word_dim`, regions last).
         word_mask: [..., words] (broadcastable), True for real words.
 
-    Returns [..., words, regions]; each real word's row sums to 1 over regions.
+    Returns the scores' shape; each real word's attention sums to 1 over regions.
     """
     masked = word_region_scores.masked_fill(~word_mask.unsqueeze(-1), torch.finfo(word_region_scores.dtype).min)
-    over_words = masked.softmax(dim=-2)
+    over_words = masked.softmax(dim=word_dim)
     return (attention_temperature * over_words).softmax(dim=-1)
 
 
@@ -74,18 +74,20 @@ def caption_image_scores(
         word_embeds: [captions, words, P]; word_mask: [captions, words].
         region_embeds: [images, regions, P].
 
-    Returns [captions, images]. The word-context dot products reuse the word-region scores
-    (w . c = sum_r a_wr (w . r)), so the context vectors are formed only for their norms.
+    Returns [captions, images]. Everything is laid out [images, captions, words, regions] so that every step is a
+    contiguous batched matmul or reduction. The word-context dot products reuse the word-region scores
+    (w . c_w = sum_r a_wr (w . r)), so the context vectors are formed only for their norms.
     """
-    word_region = torch.einsum("cwp,irp->ciwr", word_embeds, region_embeds)
-    mask = word_mask[:, None, :]  # [captions, 1, words]
-    attention = word_region_attention(word_region, mask, attention_temperature)
-    word_context_dot = (attention * word_region).sum(dim=-1)  # [captions, images, words]
-    context_norm = torch.einsum("ciwr,irp->ciwp", attention, region_embeds).norm(dim=-1)
-    word_norm = word_embeds.norm(dim=-1)[:, None, :]
-    cosine = word_context_dot / (word_norm * context_norm).clamp_min(COSINE_EPS)
-    weighted = (word_temperature * cosine).masked_fill(~mask, float("-inf"))
-    return torch.logsumexp(weighted, dim=-1)
+    captions, words, width = word_embeds.shape
+    word_region = torch.matmul(word_embeds.reshape(captions * words, width), region_embeds.transpose(1, 2))
+    word_region = word_region.view(region_embeds.shape[0], captions, words, -1)  # [images, captions, words, regions]
+    attention = word_region_attention(word_region, word_mask.unsqueeze(0), attention_temperature, word_dim=-2)
+    word_context_dot = (attention * word_region).sum(dim=-1)  # [images, captions, words]
+    context = torch.bmm(attention.flatten(1, 2), region_embeds)  # [images, captions * words, P]
+    context_norm = context.norm(dim=-1).view_as(word_context_dot)
+    cosine = word_context_dot / (word_embeds.norm(dim=-1) * context_norm).clamp_min(COSINE_EPS)
+    weighted = (word_temperature * cosine).masked_fill(~word_mask, float("-inf"))
+    return torch.logsumexp(weighted, dim=-1).T
 
 
 def local_contrastive_loss(

@@ -9,10 +9,11 @@ from torch import nn
 from .configuration_medmoe import MedMoEVisionConfig
 
 
-def create_backbone(config: MedMoEVisionConfig) -> nn.Module:
-    """A timm `features_only` model for the config; never loads weights (that is the training script's job)."""
+def create_backbone(config: MedMoEVisionConfig, pretrained: bool = False) -> nn.Module:
+    """A timm `features_only` model for the config. The model builds it with `pretrained=False`; loading timm's
+    weights (`pretrained=True`) is the training script's job."""
     kwargs = {
-        "pretrained": False,
+        "pretrained": pretrained,
         "features_only": True,
         "out_indices": tuple(config.backbone_out_indices),
         "in_chans": config.num_channels,

@@ -1,0 +1,156 @@
+"""Write README.md (the model card) into a saved MedMoE folder.
+
+    python model_card/generate.py --model DIR [--results results.json] [--train_args args.json] [--repo_id ORG/NAME]
+
+The YAML header comes from huggingface_hub's ModelCardData with `model-index` filled from the evaluation results;
+the body from model_card/template.md, with the training section taken from the run's own arguments. Running it
+twice on the same inputs writes the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).with_name("template.md")
+TAGS = ["medical", "mixture-of-experts", "clip", "custom_code", "vision-language", "zero-shot-image-classification"]
+PROMPT_TEMPLATE = "A medical image: {}."
+SYNTHETIC_NOTE = (
+    "**Demonstration model.** It was pretrained on the built-in `synthetic` stream of procedural phantoms, so it "
+    "shows the pipeline end to end but knows nothing about real medical images."
+)
+
+
+def read_json(path: str | Path | None) -> dict:
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+def eval_results_for_card(results: dict) -> list[EvalResult]:
+    """`results["eval_results"]` entries (EvalResult fields, as training/evaluate.py writes them) -> EvalResult."""
+    return [EvalResult(**entry) for entry in results.get("eval_results", [])]
+
+
+def training_section(train_args: dict) -> str:
+    if not train_args:
+        return "No training arguments were recorded for this folder."
+    shown = [
+        ("data", train_args.get("dataset_name") if not train_args.get("train_files") else train_args["train_files"]),
+        ("preset", train_args.get("preset")),
+        ("steps", train_args.get("max_steps")),
+        ("batch size per device", train_args.get("per_device_train_batch_size")),
+        ("gradient accumulation", train_args.get("gradient_accumulation_steps")),
+        ("processes", train_args.get("num_processes")),
+        ("learning rate", train_args.get("learning_rate")),
+        ("schedule", f"{train_args.get('lr_scheduler_type')} with {train_args.get('warmup_steps')} warm-up steps"),
+        ("mixed precision", train_args.get("mixed_precision")),
+        ("router input", train_args.get("router_input")),
+        ("experts", train_args.get("num_experts")),
+        ("local loss weight", train_args.get("local_loss_weight")),
+        (
+            "text model",
+            train_args.get("text_model") or "trained from scratch with a WordPiece tokenizer learnt on the data",
+        ),
+        (
+            "vision backbone",
+            "timm pretrained weights" if train_args.get("vision_backbone_pretrained") else "from scratch",
+        ),
+        ("seed", train_args.get("seed")),
+    ]
+    rows = "\n".join(f"| {name} | {value} |" for name, value in shown if value is not None)
+    return (
+        "Pretrained with `accelerate launch training/pretrain.py` (GLoRIA-style global and local contrastive losses, "
+        "report-type supervision of the router). The run's arguments:\n\n| setting | value |\n|---|---|\n" + rows
+    )
+
+
+def evaluation_section(results: dict) -> str:
+    metrics = results.get("metrics", {})
+    if not metrics:
+        return "No evaluation results were recorded for this folder."
+    dataset = results.get("dataset", {})
+    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()))
+    section = (
+        f"On `{dataset.get('name', '?')}` (split `{dataset.get('split', '?')}`, {results.get('num_samples', '?')} "
+        f"image-report pairs):\n\n| metric | value |\n|---|---|\n{rows}"
+    )
+    usage = results.get("expert_usage")
+    if usage:
+        section += "\n\nRouting (share of evaluation images per expert): " + ", ".join(
+            f"{name} {share:.1%}" for name, share in usage.items()
+        )
+    return section
+
+
+def build_card(
+    model_dir: Path, results: dict, train_args: dict, repo_id: str | None = None, model_name: str | None = None
+) -> ModelCard:
+    config = read_json(model_dir / "config.json")
+    repo_id = repo_id or train_args.get("hub_model_id") or str(model_dir)
+    model_name = model_name or repo_id.rstrip("/").split("/")[-1]
+    dataset_name = train_args.get("dataset_name", "synthetic")
+    examples = sorted(path.name for path in (model_dir / "examples").glob("*.png"))
+    example_labels = list(config.get("expert_names", []))[:4]
+    card_data = ModelCardData(
+        language="en",
+        license=train_args.get("license", "apache-2.0"),
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        tags=TAGS,
+        datasets=[dataset_name] if dataset_name != "synthetic" and not train_args.get("train_files") else None,
+        base_model=train_args.get("text_model"),
+        model_name=model_name,
+        eval_results=eval_results_for_card(results) or None,
+    )
+    vision_config = config.get("vision_config", {})
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=model_name,
+        repo_id=repo_id,
+        num_experts=config.get("num_experts"),
+        expert_names=", ".join(config.get("expert_names", [])),
+        backbone=vision_config.get("backbone", "timm"),
+        provenance=SYNTHETIC_NOTE if dataset_name == "synthetic" and not train_args.get("train_files") else "",
+        example_image=f"examples/{examples[0]}" if examples else "image.png",
+        example_labels=json.dumps(example_labels),
+        example_report="Axial CT of the abdomen with a hypodense lesion in the liver.",
+        prompt_template=PROMPT_TEMPLATE,
+        training_section=training_section(train_args),
+        evaluation_section=evaluation_section(results),
+        data_limitations=(
+            "Trained on synthetic phantoms only: scores on real images are meaningless."
+            if dataset_name == "synthetic" and not train_args.get("train_files")
+            else f"The training data ({dataset_name}) limits what the model has seen: its sources, modalities, "
+            "scanners, populations and report styles. Check it on data from your own site."
+        ),
+    )
+
+
+def write_model_card(
+    model_dir: Path, results: dict | None = None, train_args: dict | None = None, repo_id: str | None = None
+) -> Path:
+    card = build_card(Path(model_dir), results or {}, train_args or {}, repo_id)
+    path = Path(model_dir) / "README.md"
+    path.write_text(str(card) + "\n" if not str(card).endswith("\n") else str(card))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="saved MedMoE folder (config.json inside)")
+    parser.add_argument("--results", help="results.json from training/evaluate.py (or the pretraining run)")
+    parser.add_argument("--train_args", help="args.json written by training/pretrain.py")
+    parser.add_argument("--repo_id", help="Hub id used in the card's snippets (default: hub_model_id or the folder)")
+    args = parser.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        sys.exit(f"{args.model} has no config.json; pass a folder saved by MedMoEModel.save_pretrained.")
+    path = write_model_card(args.model, read_json(args.results), read_json(args.train_args), args.repo_id)
+    print(f"Model card written to {path}")
+
+
+if __name__ == "__main__":
+    main()

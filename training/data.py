@@ -1,0 +1,306 @@
+"""Image-report streams for training and evaluation.
+
+Sources: the built-in `synthetic` phantoms, a Hub dataset id or local dataset folder (`load_dataset`), or globs of
+parquet, webdataset `.tar`, jsonl/csv (with an image-path column) files or an imagefolder with metadata. Loading
+always streams. Rows are decoded, checked and transformed in DataLoader workers and grouped into fixed-size
+batches there; a row that cannot be used is skipped and counted by reason, and the counts travel with the batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+
+from modeling_medmoe import MedMoEProcessor
+from modeling_medmoe.report_types import report_type_index, type_name_to_index
+
+from .synthetic import EVAL_SEED, TRAIN_SEED, synthetic_stream
+
+SYNTHETIC = "synthetic"
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "image_path", "path", "file_name", "filename")
+TEXT_COLUMN_CANDIDATES = ("text", "report", "caption", "findings", "impression", "txt", "sentence", "description")
+EVAL_SPLIT_CANDIDATES = ("validation", "eval", "valid", "val", "test")
+FILE_BUILDERS = {".parquet": "parquet", ".tar": "webdataset", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+@dataclass
+class DataOptions:
+    """Where the rows come from and which columns hold what (the scripts' data flags)."""
+
+    dataset_name: str = SYNTHETIC
+    train_files: str | None = None
+    eval_files: str | None = None
+    image_column: str | None = None
+    text_column: str | None = None
+    report_type_column: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    synthetic_rows_per_shard: int = 2000
+    synthetic_shards: int = 8
+    synthetic_image_size: int = 128
+
+
+def files_stream(pattern: str) -> datasets.IterableDataset:
+    """A stream over files matching `pattern` (parquet, webdataset .tar, jsonl/json, csv) or an imagefolder."""
+    if os.path.isdir(pattern):
+        return datasets.load_dataset("imagefolder", data_dir=pattern, split="train", streaming=True)
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"No files match {pattern!r}.")
+    extensions = {os.path.splitext(path)[1].lower() for path in paths}
+    builders = {FILE_BUILDERS.get(extension) for extension in extensions}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(
+            f"{pattern!r} matches files of types {sorted(extensions)}; use one of {sorted(FILE_BUILDERS)} per glob, "
+            "or a folder (imagefolder with metadata)."
+        )
+    builder = builders.pop()
+    stream = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True)
+    if builder in ("json", "csv"):
+        stream = stream.map(_resolve_image_paths, fn_kwargs={"base": os.path.dirname(os.path.abspath(paths[0]))})
+    return stream
+
+
+def _resolve_image_paths(row: dict, base: str) -> dict:
+    """jsonl/csv image paths are relative to the folder of the data files."""
+    for column in IMAGE_COLUMN_CANDIDATES:
+        value = row.get(column)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            row[column] = os.path.join(base, value)
+    return row
+
+
+def hub_or_folder_stream(name: str, split: str | None, wanted: str) -> datasets.IterableDataset:
+    """`load_dataset(name, streaming=True)` and pick `split` (or, for evaluation, the first eval-like split)."""
+    splits = datasets.load_dataset(name, streaming=True)
+    if split is not None:
+        if split not in splits:
+            raise ValueError(f"{name!r} has splits {sorted(splits)}; no {split!r}.")
+        return splits[split]
+    for candidate in EVAL_SPLIT_CANDIDATES if wanted == "eval" else ("train",):
+        if candidate in splits:
+            return splits[candidate]
+    raise ValueError(f"{name!r} has splits {sorted(splits)}; pass --{wanted}_split or --{wanted}_files.")
+
+
+def load_stream(options: DataOptions, which: str) -> datasets.IterableDataset:
+    """The train or eval stream (`which` is "train" or "eval")."""
+    files = options.train_files if which == "train" else options.eval_files
+    if files:
+        return files_stream(files)
+    if options.dataset_name == SYNTHETIC:
+        return synthetic_stream(
+            seed=TRAIN_SEED if which == "train" else EVAL_SEED,
+            num_shards=options.synthetic_shards,
+            rows_per_shard=options.synthetic_rows_per_shard,
+            image_size=options.synthetic_image_size,
+        )
+    split = options.train_split if which == "train" else options.eval_split
+    return hub_or_folder_stream(options.dataset_name, split, which)
+
+
+def detect_column(features: datasets.Features | None, given: str | None, kind: str) -> str:
+    """The image or text column: the one given, else the first feature of the right type or a usual name."""
+    names = list(features) if features is not None else []
+    if given is not None:
+        if features is not None and given not in names:
+            raise ValueError(f"--{kind}_column {given!r} is not a column; the stream has {names}.")
+        return given
+    candidates = IMAGE_COLUMN_CANDIDATES if kind == "image" else TEXT_COLUMN_CANDIDATES
+    if kind == "image":
+        typed = [name for name in names if isinstance(features[name], datasets.Image)]
+        if typed:
+            return typed[0]
+    for candidate in candidates:
+        for name in names:
+            if name.lower() == candidate:
+                return name
+    raise ValueError(f"Cannot tell which column holds the {kind}s among {names}; pass --{kind}_column.")
+
+
+class SkipRow(Exception):
+    """A row that cannot be used; `reason` names why (it becomes a counter key)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class RowPreparer:
+    """Turns a stream row into a model-ready sample, or raises SkipRow.
+
+    A sample holds `pixel_values` [3, H, W], `text`, `report_type_label` and the row's ground-truth columns
+    (`metadata`, e.g. modality or finding box) for evaluation.
+    """
+
+    processor: MedMoEProcessor
+    expert_names: list[str]
+    image_column: str
+    text_column: str
+    report_type_column: str | None = None
+    metadata_columns: tuple[str, ...] = ()
+    max_report_characters: int = 20_000
+    max_image_pixels: int = 64_000_000
+
+    def __call__(self, row: dict) -> dict:
+        text = self.read_text(row)
+        image = self.read_image(row)
+        try:
+            pixel_values = self.processor.image_processor.to_model_input(image)
+        except ValueError as error:
+            raise SkipRow("unusable_image", str(error)) from error
+        if self.report_type_column is not None:
+            label = type_name_to_index(row.get(self.report_type_column), self.expert_names)
+        else:
+            label = report_type_index(text, self.expert_names)
+        metadata = {column: row.get(column) for column in self.metadata_columns}
+        return {"pixel_values": pixel_values, "text": text, "report_type_label": label, "metadata": metadata}
+
+    def read_text(self, row: dict) -> str:
+        if self.text_column not in row or row[self.text_column] is None:
+            raise SkipRow("missing_text")
+        text = row[self.text_column]
+        if not isinstance(text, str):
+            raise SkipRow("text_not_a_string", type(text).__name__)
+        if not text.strip():
+            raise SkipRow("empty_report")
+        if len(text) > self.max_report_characters:
+            raise SkipRow("overlong_report", f"{len(text)} characters")
+        return text.strip()
+
+    def read_image(self, row: dict) -> Image.Image:
+        """Decode the image cell (PIL, {"bytes", "path"} or a path) and check its size."""
+        value = row.get(self.image_column)
+        if value is None:
+            raise SkipRow("missing_image")
+        if isinstance(value, Image.Image):
+            image = value
+        else:
+            source = value
+            if isinstance(value, dict):
+                source = value.get("bytes") or value.get("path")
+                if source is None:
+                    raise SkipRow("missing_image")
+            if isinstance(source, (bytes, bytearray)):
+                if len(source) == 0:
+                    raise SkipRow("empty_image_bytes")
+                source = io.BytesIO(source)
+            try:
+                image = Image.open(source)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise SkipRow("undecodable_image", str(error)) from error
+        width, height = image.size
+        if width * height > self.max_image_pixels:
+            raise SkipRow("too_many_pixels", f"{width}x{height}")
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as error:
+            raise SkipRow("undecodable_image", str(error)) from error
+        return image
+
+
+@dataclass
+class BatchCollator:
+    """Samples -> batch: tokenised reports with word ids, stacked pixels, report-type labels, metadata lists."""
+
+    processor: MedMoEProcessor
+    max_length: int = 128
+
+    def __call__(self, samples: list[dict], skipped: Counter | None = None) -> dict:
+        text = self.processor.tokenize(
+            [sample["text"] for sample in samples],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+        )
+        batch = dict(text)
+        batch["pixel_values"] = torch.stack([sample["pixel_values"] for sample in samples])
+        batch["report_type_labels"] = torch.tensor([sample["report_type_label"] for sample in samples])
+        batch["texts"] = [sample["text"] for sample in samples]
+        batch["metadata"] = {key: [sample["metadata"][key] for sample in samples] for key in samples[0]["metadata"]}
+        batch["skipped"] = dict(skipped or {})
+        return batch
+
+
+@dataclass
+class BatchStream(torch.utils.data.IterableDataset):
+    """Reads rows from a (node-split) stream inside each DataLoader worker, prepares them, and yields fixed-size
+    batches; `batch["skipped"]` counts the rows dropped (by reason) since the previous batch.
+
+    Use with `DataLoader(batch_stream, batch_size=None, num_workers=...)`; datasets shards the stream across the
+    workers. A last partial batch is dropped when `drop_last` (training: every process must see equal batches).
+    """
+
+    stream: datasets.IterableDataset
+    prepare: RowPreparer
+    collate: BatchCollator
+    batch_size: int
+    drop_last: bool = True
+
+    def __post_init__(self):
+        super().__init__()
+
+    def __iter__(self) -> Iterator[dict]:
+        samples, skipped = [], Counter()
+        for row in self.stream:
+            try:
+                samples.append(self.prepare(row))
+            except SkipRow as skip:
+                skipped[skip.reason] += 1
+                continue
+            if len(samples) == self.batch_size:
+                yield self.collate(samples, skipped)
+                samples, skipped = [], Counter()
+        if samples and not self.drop_last:
+            yield self.collate(samples, skipped)
+        elif skipped or samples:
+            skipped["incomplete_last_batch"] += len(samples)
+            yield {"skipped": dict(skipped)}
+
+
+def prepare_stream(
+    stream: datasets.IterableDataset,
+    *,
+    image_column: str,
+    process_index: int = 0,
+    num_processes: int = 1,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = 1000,
+    max_rows: int | None = None,
+) -> datasets.IterableDataset:
+    """Keep images undecoded (decoded and checked per row later), split across processes, optionally shuffle,
+    optionally keep only the first `max_rows` rows."""
+    features = stream.features
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        stream = stream.cast_column(image_column, datasets.Image(decode=False))
+    if num_processes > 1:
+        stream = split_dataset_by_node(stream, rank=process_index, world_size=num_processes)
+    if shuffle_seed is not None:
+        stream = stream.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer)
+    if max_rows is not None:
+        stream = stream.take(max_rows)
+    return stream
+
+
+def make_dataloader(batch_stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over ready-made batches; no more workers than the stream has shards."""
+    shards = batch_stream.stream.num_shards
+    workers = max(0, min(num_workers, shards))
+    return torch.utils.data.DataLoader(
+        batch_stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )

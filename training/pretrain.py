@@ -1,0 +1,472 @@
+"""Pretrain MedMoE on image-report streams.
+
+    accelerate launch training/pretrain.py                      # nano preset on the built-in synthetic stream
+    accelerate launch training/pretrain.py --dataset_name ../shared/datasets/realmed --preset small --max_steps 2000
+
+Saves a complete model folder (weights, code, processor, tokenizer, model card) to OUTPUT_DIR/model, checkpoints
+to OUTPUT_DIR/checkpoints, logs to OUTPUT_DIR/logs and a run summary to OUTPUT_DIR/run_summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_card.generate import write_model_card  # noqa: E402
+from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor  # noqa: E402
+from training import data as data_module  # noqa: E402
+from training.checkpoints import TrainingProgress, resolve_checkpoint, save_checkpoint  # noqa: E402
+from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks, routing_purity  # noqa: E402
+from training.hub import UploadFailed, push_folder  # noqa: E402
+from training.towers import (  # noqa: E402
+    load_pretrained_text_tower,
+    load_pretrained_vision_backbone,
+    pretrained_text_config,
+    text_tokenizer,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="nano", help="nano | small | swin-tiny (see MedMoEConfig.from_preset)")
+    model.add_argument(
+        "--text_model", help="start the text tower and tokenizer from this BERT-style model (Hub id or path)"
+    )
+    model.add_argument(
+        "--vision_backbone_pretrained", action="store_true", help="load timm's pretrained backbone weights"
+    )
+    model.add_argument("--router_input", choices=["image", "text", "text_teacher"], help="override the preset's router")
+    model.add_argument("--num_experts", type=int, help="number of experts (1 = no mixture)")
+    model.add_argument("--local_loss_weight", type=float, help="weight of the local loss (0 = global loss only)")
+    model.add_argument("--expert_depth", type=int, help="1 = 1x1 projections (paper Table 3); >1 adds conv blocks")
+    model.add_argument(
+        "--tokenizer_vocab_size", type=int, default=2048, help="WordPiece vocabulary learnt from the data"
+    )
+    model.add_argument(
+        "--tokenizer_training_rows", type=int, default=2000, help="rows whose reports train the tokenizer"
+    )
+    model.add_argument("--max_length", type=int, default=128, help="report length in tokens")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset_name", default=data_module.SYNTHETIC, help="synthetic, a Hub dataset id or a local dataset folder"
+    )
+    data.add_argument("--train_files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
+    data.add_argument("--eval_files", help="glob for the evaluation rows (same formats)")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--eval_split", help="default: the first of validation, eval, valid, val, test")
+    data.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
+    data.add_argument("--text_column", help="default: detected (text, report, caption, findings, ...)")
+    data.add_argument("--report_type_column", help="column naming the modality; default: read from the report text")
+    data.add_argument(
+        "--ground_truth_columns",
+        default="modality,finding_box,label",
+        help="columns kept for evaluation when present (comma-separated)",
+    )
+    data.add_argument("--shuffle_buffer", type=int, default=1000)
+    data.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process (decode + transforms)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=Path, help="default: outputs/medmoe-PRESET")
+    train.add_argument("--max_steps", type=int, default=400, help="optimizer steps")
+    train.add_argument("--per_device_train_batch_size", type=int, default=32)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=2e-3)
+    train.add_argument("--weight_decay", type=float, default=0.05)
+    train.add_argument("--lr_scheduler_type", default="cosine")
+    train.add_argument("--warmup_steps", type=int, default=50)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: accelerate's config")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--eval_steps", type=int, default=100, help="evaluate every N steps (0 = only at the end)")
+    train.add_argument("--max_eval_samples", type=int, default=384, help="rows of the held-out slice")
+    train.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps (0 = never)")
+    train.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep this many checkpoints (0 = all)")
+    train.add_argument("--resume_from_checkpoint", help="latest or a checkpoint folder")
+    train.add_argument(
+        "--report_to", default="tensorboard", help="accelerate trackers: tensorboard, wandb, all or none"
+    )
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="upload the model folder (login or HF_TOKEN)")
+    hub.add_argument("--hub_model_id", help="ORG/NAME of the Hub repo")
+    hub.add_argument("--hub_private", action="store_true")
+    args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = Path("outputs") / f"medmoe-{args.preset}"
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
+    return args
+
+
+def build_config(args: argparse.Namespace, vocab_size: int, text_config=None) -> MedMoEConfig:
+    overrides = {
+        key: getattr(args, key)
+        for key in ("router_input", "num_experts", "local_loss_weight")
+        if getattr(args, key) is not None
+    }
+    config = MedMoEConfig.from_preset(args.preset, **overrides)
+    if text_config is not None:
+        config.text_config = text_config
+    config.text_config.vocab_size = vocab_size
+    config.text_config.max_position_embeddings = max(config.text_config.max_position_embeddings, args.max_length)
+    if args.expert_depth is not None:
+        config.vision_config.expert_depth = args.expert_depth
+    return config
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and the logit scale."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def evaluate_pairs(model, dataloader, device, expert_names: list[str]) -> dict:
+    """Retrieval and routing on the held-out slice."""
+    embedded = embed_pairs(model, dataloader, device, description="evaluating")
+    count = len(embedded.texts)
+    image_to_text = recall_at_k(retrieval_ranks(embedded.image_embeds, embedded.text_embeds))
+    text_to_image = recall_at_k(retrieval_ranks(embedded.text_embeds, embedded.image_embeds))
+    truth = embedded.metadata.get("modality") or embedded.report_type_labels.tolist()
+    usage = Counter(embedded.expert_index.tolist())
+    return {
+        "num_samples": count,
+        "metrics": {
+            **{f"image_to_text_{key}": value for key, value in image_to_text.items()},
+            **{f"text_to_image_{key}": value for key, value in text_to_image.items()},
+            "routing_purity": routing_purity(embedded.expert_index, truth),
+        },
+        "chance_R@5": min(5 / count, 1.0),
+        "expert_usage": {name: usage.get(index, 0) / count for index, name in enumerate(expert_names)},
+        "routing_truth": "modality" if "modality" in embedded.metadata else "report type",
+    }
+
+
+LOSS_PARTS = ("loss", "global_loss", "local_loss", "report_type_loss", "router_loss", "load_balance_loss")
+
+
+class ThroughputMeter:
+    """Images per second and expert usage since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.expert_counts = time.perf_counter(), 0, Counter()
+
+    def add(self, images: int, expert_index: torch.Tensor) -> None:
+        self.images += images
+        self.expert_counts.update(expert_index.tolist())
+
+    def images_per_second(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def log_step(accelerator, out, scheduler, meter: ThroughputMeter, step: int, model, bar, log_file: Path) -> None:
+    """Loss parts averaged over processes, learning rate, images/s and expert usage: to the trackers, the progress
+    bar and OUTPUT_DIR/train_log.jsonl."""
+    parts = {
+        name: accelerator.reduce(getattr(out, name).detach(), reduction="mean").item()
+        for name in LOSS_PARTS
+        if getattr(out, name) is not None
+    }
+    logs = {
+        "step": step,
+        **parts,
+        "lr": scheduler.get_last_lr()[0],
+        "images_per_s": meter.images_per_second(),
+        "logit_scale": model.logit_scale.detach().exp().item(),
+    }
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with log_file.open("a") as handle:
+            handle.write(json.dumps(logs) + "\n")
+        usage = "/".join(str(meter.expert_counts.get(index, 0)) for index in range(model.config.num_experts))
+        bar.set_postfix(
+            loss=f"{parts['loss']:.3f}",
+            glob=f"{parts['global_loss']:.3f}",
+            local=f"{parts.get('local_loss', 0):.3f}",
+            img_s=f"{logs['images_per_s']:.0f}",
+            experts=usage,
+        )
+    meter.reset()
+
+
+def batches_forever(dataloader, stream, progress: TrainingProgress, accelerator):
+    """Yield training batches epoch after epoch; after a resume, skip the batches the run had already used."""
+    while True:
+        stream.set_epoch(progress.epoch)
+        skip = progress.batches_in_epoch
+        for index, batch in enumerate(dataloader):
+            if index < skip:
+                continue
+            progress.batches_in_epoch += 1
+            yield batch
+        if progress.batches_in_epoch == 0:
+            raise RuntimeError("The training stream gave no usable batch; check the data flags.")
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+        accelerator.print(f"epoch {progress.epoch} begins (the stream was read once more)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(args.output_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(args.seed, device_specific=False)
+    output_dir, model_dir, checkpoints_dir = args.output_dir, args.output_dir / "model", args.output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    options = data_module.DataOptions(
+        dataset_name=args.dataset_name,
+        train_files=args.train_files,
+        eval_files=args.eval_files,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        report_type_column=args.report_type_column,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+    )
+    train_stream = data_module.load_stream(options, "train")
+    image_column = data_module.detect_column(train_stream.features, args.image_column, "image")
+    text_column = data_module.detect_column(train_stream.features, args.text_column, "text")
+
+    with accelerator.main_process_first():
+        tokenizer = text_tokenizer(
+            args, train_stream, text_column, output_dir / "tokenizer", accelerator.is_main_process
+        )
+    text_config = pretrained_text_config(args.text_model) if args.text_model else None
+    config = build_config(args, len(tokenizer), text_config)
+    model = MedMoEModel(config)
+    if args.text_model:
+        load_pretrained_text_tower(model, args.text_model)
+    if args.vision_backbone_pretrained:
+        load_pretrained_vision_backbone(model)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    side = config.vision_config.image_size
+    processor = MedMoEProcessor(
+        image_processor=MedMoEImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer
+    )
+
+    ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
+
+    def batch_stream(stream, batch_size, **kwargs):
+        present = tuple(column for column in ground_truth if stream.features is None or column in stream.features)
+        prepare = data_module.RowPreparer(
+            processor, config.expert_names, image_column, text_column, args.report_type_column, metadata_columns=present
+        )
+        return data_module.BatchStream(
+            stream, prepare, data_module.BatchCollator(processor, args.max_length), batch_size, **kwargs
+        )
+
+    train_prepared = data_module.prepare_stream(
+        train_stream,
+        image_column=image_column,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        shuffle_seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer,
+    )
+    train_loader = data_module.make_dataloader(
+        batch_stream(train_prepared, args.per_device_train_batch_size), args.num_workers
+    )
+    eval_stream = data_module.prepare_stream(
+        data_module.load_stream(options, "eval"), image_column=image_column, max_rows=args.max_eval_samples
+    )
+    eval_loader = data_module.make_dataloader(
+        batch_stream(eval_stream, args.per_device_eval_batch_size, drop_last=False), args.num_workers
+    )
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
+    scheduler = get_scheduler(  # a prepared scheduler steps once per process at every optimizer step
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_steps * accelerator.num_processes,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"Resumed from {checkpoint} at step {progress.step} (epoch {progress.epoch}).")
+    elif accelerator.is_main_process:
+        (output_dir / "train_log.jsonl").unlink(missing_ok=True)
+
+    run_config = {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+    accelerator.init_trackers(
+        "medmoe-pretrain", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    accelerator.print(
+        f"MedMoE {args.preset}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch {global_batch}, "
+        f"{args.max_steps} steps; data: {args.train_files or args.dataset_name} (image column {image_column!r}, "
+        f"text column {text_column!r})"
+    )
+
+    evaluations = []
+    bar = tqdm(total=args.max_steps, initial=progress.step, desc="pretraining", disable=not accelerator.is_main_process)
+    meter = ThroughputMeter()
+    data = batches_forever(train_loader, train_prepared, progress, accelerator)
+    model.train()
+    while progress.step < args.max_steps:
+        batch = next(data)
+        progress.skipped_rows.update(batch["skipped"])
+        if "pixel_values" not in batch:
+            continue
+        with accelerator.accumulate(model):
+            out = model(
+                **model_inputs(batch, accelerator.device),
+                report_type_labels=batch["report_type_labels"].to(accelerator.device),
+                return_loss=True,
+            )
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        images = batch["pixel_values"].shape[0] * accelerator.num_processes
+        progress.images_seen += images
+        meter.add(images, out.expert_index)
+        if not accelerator.sync_gradients:
+            continue
+        progress.step += 1
+        bar.update(1)
+        is_last = progress.step == args.max_steps
+        if progress.step % args.logging_steps == 0 or is_last:
+            log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, output_dir / "train_log.jsonl")
+        if (args.eval_steps and progress.step % args.eval_steps == 0) or is_last:
+            if accelerator.is_main_process:
+                result = evaluate_pairs(unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names)
+                result["step"] = progress.step
+                evaluations.append(result)
+                accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
+                bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
+            accelerator.wait_for_everyone()
+        if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
+            save_checkpoint(accelerator, checkpoints_dir, progress.step, args.checkpoints_total_limit)
+    bar.close()
+    accelerator.end_training()
+
+    summary = {}
+    if accelerator.is_main_process:
+        summary = finish(
+            args, unwrapped, processor, evaluations, progress, run_config, output_dir, model_dir, eval_loader
+        )
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def finish(args, model, processor, evaluations, progress, run_config, output_dir, model_dir, eval_loader) -> dict:
+    """Save the model folder and its card, print the quality figures, write the run summary, upload if asked."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    final = evaluations[-1] if evaluations else {}
+    results = results_for_card(final, args)
+    (model_dir / "args.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    (model_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_model_card(
+        model_dir, results, run_config, repo_id=args.hub_model_id or str(model_dir), model_name=output_dir.name
+    )
+
+    metrics = final.get("metrics", {})
+    recall, chance = metrics.get("image_to_text_R@5", math.nan), final.get("chance_R@5", math.nan)
+    print(f"\nHeld-out evaluation ({final.get('num_samples', 0)} pairs):")
+    purity, truth = metrics.get("routing_purity", math.nan), final.get("routing_truth", "modality")
+    print(f"  routing purity vs {truth}: {purity:.3f}  (goal >= 0.9)")
+    print(f"  image->text R@5: {recall:.3f} = {recall / chance:.1f}x chance ({chance:.3f})  (goal >= 3x)")
+    summary = {
+        "model_dir": str(model_dir),
+        "steps": progress.step,
+        "images_seen": progress.images_seen,
+        "skipped_rows": dict(progress.skipped_rows),
+        "skipped_steps": progress.skipped_steps,
+        "evaluations": evaluations,
+    }
+    if args.push_to_hub:
+        try:
+            summary["hub_commit"] = push_folder(model_dir, args.hub_model_id, private=args.hub_private)
+            print(f"Uploaded {model_dir} to https://huggingface.co/{args.hub_model_id}")
+        except UploadFailed as failure:
+            summary["hub_upload_error"] = str(failure)
+            print(f"Upload failed: {failure}", file=sys.stderr)
+    (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"Model folder: {model_dir}  (load with AutoModel.from_pretrained(..., trust_remote_code=True))")
+    print(f"Run summary: {output_dir / 'run_summary.json'}; per-step log: {output_dir / 'train_log.jsonl'}")
+    if "hub_upload_error" in summary:
+        sys.exit(1)
+    return summary
+
+
+def results_for_card(evaluation: dict, args) -> dict:
+    """The held-out figures in the shape training/evaluate.py writes (EvalResult fields for the card)."""
+    dataset = {
+        "name": args.eval_files or args.dataset_name,
+        "type": args.dataset_name,
+        "split": args.eval_split or "eval",
+    }
+    metrics = evaluation.get("metrics", {})
+    return {
+        "dataset": dataset,
+        "num_samples": evaluation.get("num_samples"),
+        "metrics": metrics,
+        "expert_usage": evaluation.get("expert_usage"),
+        "eval_results": [
+            {
+                "task_type": "image-to-text"
+                if name.startswith("image_to_text")
+                else "text-to-image"
+                if name.startswith("text_to_image")
+                else "image-classification",
+                "dataset_type": dataset["type"],
+                "dataset_name": dataset["name"],
+                "dataset_split": dataset["split"],
+                "metric_type": name,
+                "metric_value": round(value, 4),
+            }
+            for name, value in metrics.items()
+        ],
+    }
+
+
+if __name__ == "__main__":
+    main()
