@@ -131,11 +131,16 @@ def build_card(
 
 
 def write_model_card(
-    model_dir: Path, results: dict | None = None, train_args: dict | None = None, repo_id: str | None = None
+    model_dir: Path,
+    results: dict | None = None,
+    train_args: dict | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
 ) -> Path:
-    card = build_card(Path(model_dir), results or {}, train_args or {}, repo_id)
+    """Write `model_dir/README.md`; returns its path."""
+    card = str(build_card(Path(model_dir), results or {}, train_args or {}, repo_id, model_name))
     path = Path(model_dir) / "README.md"
-    path.write_text(str(card) + "\n" if not str(card).endswith("\n") else str(card))
+    path.write_text(card if card.endswith("\n") else card + "\n")
     return path
 
 

@@ -108,23 +108,33 @@ def load_stream(options: DataOptions, which: str) -> datasets.IterableDataset:
     return hub_or_folder_stream(options.dataset_name, split, which)
 
 
-def detect_column(features: datasets.Features | None, given: str | None, kind: str) -> str:
-    """The image or text column: the one given, else the first feature of the right type or a usual name."""
-    names = list(features) if features is not None else []
+def stream_columns(stream: datasets.IterableDataset) -> dict:
+    """Column name -> feature type (None where the stream does not declare types, e.g. jsonl: then the first row
+    is read for the names)."""
+    if stream.features is not None:
+        return dict(stream.features)
+    first = next(iter(stream.take(1)), None)
+    if first is None:
+        raise ValueError("The stream has no rows.")
+    return dict.fromkeys(first)
+
+
+def detect_column(stream: datasets.IterableDataset, given: str | None, kind: str) -> str:
+    """The image or text column: the one given, else the first Image feature or a usual name."""
+    columns = stream_columns(stream)
     if given is not None:
-        if features is not None and given not in names:
-            raise ValueError(f"--{kind}_column {given!r} is not a column; the stream has {names}.")
+        if given not in columns:
+            raise ValueError(f"--{kind}_column {given!r} is not a column; the stream has {list(columns)}.")
         return given
-    candidates = IMAGE_COLUMN_CANDIDATES if kind == "image" else TEXT_COLUMN_CANDIDATES
     if kind == "image":
-        typed = [name for name in names if isinstance(features[name], datasets.Image)]
+        typed = [name for name, feature in columns.items() if isinstance(feature, datasets.Image)]
         if typed:
             return typed[0]
-    for candidate in candidates:
-        for name in names:
+    for candidate in IMAGE_COLUMN_CANDIDATES if kind == "image" else TEXT_COLUMN_CANDIDATES:
+        for name in columns:
             if name.lower() == candidate:
                 return name
-    raise ValueError(f"Cannot tell which column holds the {kind}s among {names}; pass --{kind}_column.")
+    raise ValueError(f"Cannot tell which column holds the {kind}s among {list(columns)}; pass --{kind}_column.")
 
 
 class SkipRow(Exception):
@@ -294,7 +304,8 @@ def prepare_stream(
 
 
 def make_dataloader(batch_stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over ready-made batches; no more workers than the stream has shards."""
+    """A DataLoader over ready-made batches; no more workers than the stream has shards. It has a generator of its
+    own, so starting an epoch draws nothing from the global RNG (a resumed run replays the same dropout)."""
     shards = batch_stream.stream.num_shards
     workers = max(0, min(num_workers, shards))
     return torch.utils.data.DataLoader(
@@ -303,4 +314,5 @@ def make_dataloader(batch_stream: BatchStream, num_workers: int) -> torch.utils.
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0),
     )

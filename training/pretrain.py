@@ -33,6 +33,7 @@ from training.checkpoints import TrainingProgress, resolve_checkpoint, save_chec
 from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks, routing_purity  # noqa: E402
 from training.hub import UploadFailed, push_folder  # noqa: E402
 from training.towers import (  # noqa: E402
+    PretrainedWeightsUnavailable,
     load_pretrained_text_tower,
     load_pretrained_vision_backbone,
     pretrained_text_config,
@@ -257,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_split=args.eval_split,
     )
     train_stream = data_module.load_stream(options, "train")
-    image_column = data_module.detect_column(train_stream.features, args.image_column, "image")
-    text_column = data_module.detect_column(train_stream.features, args.text_column, "text")
+    image_column = data_module.detect_column(train_stream, args.image_column, "image")
+    text_column = data_module.detect_column(train_stream, args.text_column, "text")
 
     with accelerator.main_process_first():
         tokenizer = text_tokenizer(
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
 
     def batch_stream(stream, batch_size, **kwargs):
-        present = tuple(column for column in ground_truth if stream.features is None or column in stream.features)
+        columns = data_module.stream_columns(stream)
+        present = tuple(column for column in ground_truth if column in columns)
         prepare = data_module.RowPreparer(
             processor, config.expert_names, image_column, text_column, args.report_type_column, metadata_columns=present
         )
@@ -384,18 +386,16 @@ def main(argv: list[str] | None = None) -> dict:
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
             save_checkpoint(accelerator, checkpoints_dir, progress.step, args.checkpoints_total_limit)
     bar.close()
-    accelerator.end_training()
 
     summary = {}
     if accelerator.is_main_process:
-        summary = finish(
-            args, unwrapped, processor, evaluations, progress, run_config, output_dir, model_dir, eval_loader
-        )
+        summary = finish(args, unwrapped, processor, evaluations, progress, run_config, output_dir, model_dir)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return summary
 
 
-def finish(args, model, processor, evaluations, progress, run_config, output_dir, model_dir, eval_loader) -> dict:
+def finish(args, model, processor, evaluations, progress, run_config, output_dir, model_dir) -> dict:
     """Save the model folder and its card, print the quality figures, write the run summary, upload if asked."""
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
@@ -432,8 +432,6 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
     (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"Model folder: {model_dir}  (load with AutoModel.from_pretrained(..., trust_remote_code=True))")
     print(f"Run summary: {output_dir / 'run_summary.json'}; per-step log: {output_dir / 'train_log.jsonl'}")
-    if "hub_upload_error" in summary:
-        sys.exit(1)
     return summary
 
 
@@ -469,4 +467,9 @@ def results_for_card(evaluation: dict, args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        run_summary = main()
+    except (PretrainedWeightsUnavailable, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    if "hub_upload_error" in run_summary:
+        sys.exit(1)

@@ -27,12 +27,15 @@ def offline_hint(name: str, error: Exception) -> str:
 def text_tokenizer(args, train_stream, text_column: str, save_dir: Path, is_main_process: bool):
     """The --text_model's tokenizer, or a WordPiece tokenizer learnt from the first reports of the train stream.
 
-    Call it main-process-first: the main process learns and saves the vocabulary, the others read it."""
+    Call it main-process-first: the main process learns and saves the vocabulary, the others read it. A resumed
+    run reads the vocabulary its checkpoints were trained with."""
     if args.text_model:
         try:
             return AutoTokenizer.from_pretrained(args.text_model, model_max_length=args.max_length)
         except (OSError, ValueError) as error:
             raise PretrainedWeightsUnavailable(offline_hint(args.text_model, error)) from None
+    if args.resume_from_checkpoint and (save_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(save_dir)
     if is_main_process:
         rows = train_stream.select_columns([text_column]).take(args.tokenizer_training_rows)
         texts = (row[text_column] for row in rows if isinstance(row[text_column], str))

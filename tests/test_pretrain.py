@@ -1,0 +1,188 @@
+"""training/pretrain.py end to end, as subprocesses: the saved folder, resume, 2 processes, towers, Hub upload."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from .helpers import load_in_fresh_process
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_steps",
+    "0",
+    "--max_eval_samples",
+    "16",
+    "--tokenizer_training_rows",
+    "120",
+    "--tokenizer_vocab_size",
+    "300",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--warmup_steps",
+    "1",
+]
+FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
+
+
+def run_script(arguments, launcher=(), check=True, extra_environment=None, timeout=900):
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(extra_environment or {})}
+    command = [
+        *launcher,
+        *([sys.executable] if not launcher else []),
+        str(ROOT / "training" / "pretrain.py"),
+        *arguments,
+    ]
+    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    return completed
+
+
+def losses(output_dir):
+    return {
+        entry["step"]: entry["loss"]
+        for entry in map(json.loads, (output_dir / "train_log.jsonl").read_text().splitlines())
+    }
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run") / "medmoe-nano"
+    completed = run_script(["--max_steps", "6", "--checkpointing_steps", "3", "--output_dir", str(output_dir), *FAST])
+    return output_dir, completed
+
+
+def test_short_run_saves_a_complete_model_folder(short_run):
+    output_dir, completed = short_run
+    model_dir = output_dir / "model"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_medmoe.py",
+        "configuration_medmoe.py",
+        "processing_medmoe.py",
+        "image_processing_medmoe.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+        "args.json",
+        "eval_results.json",
+    ):
+        assert (model_dir / name).is_file(), name
+    assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt")), "safetensors only"
+    assert "routing purity vs modality" in completed.stdout and "x chance" in completed.stdout
+    assert str(model_dir) in completed.stdout
+    summary = json.loads((output_dir / "run_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["images_seen"] == 48
+    assert sorted(losses(output_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_upload_folder_loads_in_a_fresh_offline_process(short_run, tmp_path):
+    output_dir, _ = short_run
+    images = [Image.new("L", (80, 80), color) for color in (20, 200)]
+    result = load_in_fresh_process(output_dir / "model", images, ["Axial CT.", "Chest X-ray."], ["ct", "mri"], tmp_path)
+    assert len(result["logits_per_image"]) == 2 and len(result["pipeline"]) == 2
+
+
+def test_resume_continues_exactly(short_run, tmp_path):
+    """A run resumed from its step-3 checkpoint reproduces the uninterrupted run's losses at steps 4-6."""
+    output_dir, _ = short_run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(output_dir / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    shutil.copytree(output_dir / "tokenizer", resumed / "tokenizer")
+    completed = run_script(
+        ["--max_steps", "6", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", *FAST]
+    )
+    assert "Resumed from" in completed.stdout
+    uninterrupted, continued = losses(output_dir), losses(resumed)
+    assert sorted(continued) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert continued[step] == uninterrupted[step], step
+
+
+def test_two_real_processes_on_cpu(tmp_path):
+    output_dir = tmp_path / "two"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    completed = run_script(
+        ["--max_steps", "3", "--output_dir", str(output_dir), "--num_workers", "1", *FAST], launcher=launcher
+    )
+    assert "2 process(es)" in completed.stdout
+    args = json.loads((output_dir / "model" / "args.json").read_text())
+    assert args["num_processes"] == 2
+    assert json.loads((output_dir / "run_summary.json").read_text())["images_seen"] == 3 * 8 * 2
+
+
+def test_text_model_from_a_local_folder(tmp_path, tokenizer):
+    from transformers import BertConfig, BertModel
+
+    bert_dir = tmp_path / "tiny-bert"
+    BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=96,
+        )
+    ).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    output_dir = tmp_path / "with-bert"
+    run_script(["--max_steps", "2", "--output_dir", str(output_dir), "--text_model", str(bert_dir), *FAST])
+    config = json.loads((output_dir / "model" / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 48
+
+
+@pytest.mark.parametrize("flag", [["--text_model", "some-org/biomedical-bert"], ["--vision_backbone_pretrained"]])
+def test_pretrained_towers_fail_clearly_when_offline(flag, tmp_path):
+    completed = run_script(["--max_steps", "1", "--output_dir", str(tmp_path / "x"), *flag, *FAST], check=False)
+    assert completed.returncode != 0
+    assert "Without network access" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_upload_without_network_keeps_the_model_and_never_shows_the_token(tmp_path):
+    output_dir = tmp_path / "upload"
+    completed = run_script(
+        [
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(output_dir),
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/medmoe-test",
+            *FAST,
+        ],
+        check=False,
+        extra_environment={"HF_TOKEN": FAKE_TOKEN},
+    )
+    assert completed.returncode == 1
+    assert "Could not upload" in completed.stderr and "nothing was lost" in completed.stderr
+    assert (output_dir / "model" / "model.safetensors").is_file()
+    outputs = completed.stdout + completed.stderr
+    outputs += "".join(path.read_text(errors="ignore") for path in output_dir.rglob("*") if path.is_file())
+    assert FAKE_TOKEN not in outputs
