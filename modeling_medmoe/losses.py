@@ -5,6 +5,8 @@ Every contrastive loss is symmetric: the mean of the image->text and text->image
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,16 +17,36 @@ from .report_types import UNKNOWN_REPORT_TYPE
 COSINE_EPS = 1e-8
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenate `tensor` [n, ...] from every process, keeping the gradient, and give this process's row offset.
 
     Without an initialised process group (one process) it returns the tensor itself and offset 0. All processes
     must pass the same shape.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return tensor, 0
     gathered = torch.distributed.nn.functional.all_gather(tensor)
     return torch.cat(gathered), dist.get_rank() * tensor.shape[0]
+
+
+def global_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The mean of `values[keep]` over ALL processes' rows, scaled so that the average over processes of what each
+    returns is that global mean (gradients averaged by DDP are then the gradients of the global mean).
+
+    values: [n] per-row losses; keep: [n] bool. Returns 0 (with a graph) when no process keeps a row.
+    """
+    kept_sum = values.masked_fill(~keep, 0.0).sum()
+    count = keep.sum().to(values.dtype)
+    scale = 1.0
+    if is_distributed():
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        scale = dist.get_world_size()
+    return kept_sum * scale / count.clamp_min(1.0)
 
 
 def global_contrastive_loss(
@@ -90,6 +112,37 @@ def caption_image_scores(
     return torch.logsumexp(weighted, dim=-1).T
 
 
+def chunked_caption_image_scores(
+    word_embeds: torch.Tensor,
+    word_mask: torch.Tensor,
+    region_embeds: torch.Tensor,
+    attention_temperature: float,
+    word_temperature: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """`caption_image_scores` a chunk of captions at a time: [captions, images].
+
+    With gradients on and more than one chunk, each chunk is recomputed in the backward pass (activation
+    checkpointing), so memory grows with chunk_size x images, not captions x images.
+    """
+    captions = word_embeds.shape[0]
+    chunk_size = chunk_size if chunk_size > 0 else captions
+    recompute = torch.is_grad_enabled() and chunk_size < captions
+    chunks = []
+    for start in range(0, captions, chunk_size):
+        args = (
+            word_embeds[start : start + chunk_size],
+            word_mask[start : start + chunk_size],
+            region_embeds,
+            attention_temperature,
+            word_temperature,
+        )
+        chunks.append(
+            checkpoint(caption_image_scores, *args, use_reentrant=False) if recompute else caption_image_scores(*args)
+        )
+    return torch.cat(chunks)
+
+
 def local_contrastive_loss(
     word_embeds: torch.Tensor,
     word_mask: torch.Tensor,
@@ -99,48 +152,62 @@ def local_contrastive_loss(
     logits_temperature: float = 10.0,
     chunk_size: int = 0,
 ) -> torch.Tensor:
-    """GLoRIA local loss: symmetric CE over temp3 * s, s from `caption_image_scores` for every caption-image pair.
+    """GLoRIA local loss: symmetric CE over temp3 * s, s from `caption_image_scores` for every caption-image pair
+    of the global batch.
 
     Args:
         word_embeds: [batch, words, P]; word_mask: [batch, words]; region_embeds: [batch, regions, P]. Caption i
-            describes image i. Pairs whose caption has no word are left out.
-        chunk_size: captions scored at once (0 = all). With gradients on, each chunk is recomputed in the backward
-            pass (activation checkpointing), so memory grows with chunk_size x batch, not batch^2.
+            describes image i. A pair whose caption has no words is left out (neither query nor candidate).
+        chunk_size: captions scored at once (0 = all), see `chunked_caption_image_scores`.
+
+    With several processes, words and regions are gathered with gradient (words padded to the longest caption);
+    each process scores its own images against all captions and its own captions against all images, and
+    `global_mean` makes the average over processes the loss of the whole global batch.
     """
     has_words = word_mask.any(dim=1)
-    if not bool(has_words.all()):
-        word_embeds, word_mask, region_embeds = word_embeds[has_words], word_mask[has_words], region_embeds[has_words]
-    batch = word_embeds.shape[0]
-    if batch == 0:
-        return word_embeds.sum() * 0.0
-    chunk_size = chunk_size if chunk_size > 0 else batch
-    recompute = torch.is_grad_enabled() and chunk_size < batch
-    score_chunks = []
-    for start in range(0, batch, chunk_size):
-        args = (
-            word_embeds[start : start + chunk_size],
-            word_mask[start : start + chunk_size],
-            region_embeds,
-            attention_temperature,
-            word_temperature,
-        )
-        score_chunks.append(
-            checkpoint(caption_image_scores, *args, use_reentrant=False) if recompute else caption_image_scores(*args)
-        )
-    logits_per_image = logits_temperature * torch.cat(score_chunks).T  # [images, captions]
-    labels = torch.arange(batch, device=logits_per_image.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+    # A caption without words gets one dummy word so every score stays finite; its score is then masked out.
+    safe_mask = word_mask.clone()
+    safe_mask[:, 0] |= ~has_words
+    scores = partial(
+        chunked_caption_image_scores,
+        attention_temperature=attention_temperature,
+        word_temperature=word_temperature,
+        chunk_size=chunk_size,
+    )
+    if not is_distributed():
+        caption_rows = scores(word_embeds, safe_mask, region_embeds)  # [captions, images]
+        image_rows, all_has_words, offset = caption_rows.T, has_words, 0
+    else:
+        longest = torch.tensor(word_embeds.shape[1], device=word_embeds.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        padding = int(longest) - word_embeds.shape[1]
+        all_words, offset = gather_with_grad(F.pad(word_embeds, (0, 0, 0, padding)))
+        all_masks, _ = gather_with_grad(F.pad(safe_mask, (0, padding)))
+        all_has_words, _ = gather_with_grad(has_words)
+        all_regions, _ = gather_with_grad(region_embeds)
+        caption_rows = scores(word_embeds, safe_mask, all_regions)  # [local captions, all images]
+        image_rows = scores(all_words, all_masks, region_embeds).T  # [local images, all captions]
+    labels = torch.arange(word_embeds.shape[0], device=word_embeds.device) + offset
+    absent = ~all_has_words[None, :]  # pairs without words are neither candidates nor queries
+    image_logits = (logits_temperature * image_rows.masked_fill(absent, float("-inf")))[has_words]
+    caption_logits = (logits_temperature * caption_rows.masked_fill(absent, float("-inf")))[has_words]
+    per_pair = torch.zeros_like(has_words, dtype=image_rows.dtype)
+    per_pair[has_words] = (
+        F.cross_entropy(image_logits, labels[has_words], reduction="none")
+        + F.cross_entropy(caption_logits, labels[has_words], reduction="none")
+    ) / 2
+    return global_mean(per_pair, has_words)
 
 
 def report_type_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE(logits, y) over the samples whose type is known (y != UNKNOWN_REPORT_TYPE); 0 when none is known.
+    """CE(logits, y) averaged over the samples of the global batch whose type is known (y != UNKNOWN_REPORT_TYPE);
+    0 when none is known.
 
     logits: [batch, K] (raw logits, never probabilities); labels: [batch].
     """
     known = labels != UNKNOWN_REPORT_TYPE
-    if not bool(known.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[known].float(), labels[known])
+    per_row = F.cross_entropy(logits.float(), labels.masked_fill(~known, 0), reduction="none")
+    return global_mean(per_row, known)
 
 
 def load_balancing_loss(router_logits: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,11 @@ def test_load_balancing_loss_is_one_when_balanced_and_larger_when_not():
     confident = torch.tensor([[5.0, 0.0]] * 4)
     collapsed = load_balancing_loss(confident, torch.tensor([0, 0, 0, 0])).item()
     assert collapsed == pytest.approx(2 * 1.0 * (math.exp(5) / (math.exp(5) + 1)))
+
+
+def test_local_loss_without_any_words_is_zero_with_finite_gradients(padded_words):
+    words, _, regions, _ = padded_words
+    words = words.clone().requires_grad_()
+    loss = local_contrastive_loss(words, torch.zeros(words.shape[:2], dtype=torch.bool), regions)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(words.grad).all()
