@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # Put the repo root first instead of training/, where evaluate.py would shadow the `evaluate` package.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from model_card.generate import write_model_card  # noqa: E402
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor  # noqa: E402
