@@ -11,18 +11,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import AutoModel, AutoProcessor
+
+if __package__ in (None, ""):  # `python model_card/generate.py` runs this file as a script
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from training.synthetic import make_phantom  # noqa: E402
 
 TEMPLATE = Path(__file__).with_name("template.md")
+HANDLER = Path(__file__).with_name("handler.py")
+EXAMPLE_MODALITIES = ("X-ray", "CT", "fundus")
+EXAMPLE_SEED = 2025
 TAGS = ["medical", "mixture-of-experts", "clip", "custom_code", "vision-language", "zero-shot-image-classification"]
 PROMPT_TEMPLATE = "A medical image: {}."
 SYNTHETIC_NOTE = (
     "**Demonstration model.** It was pretrained on the built-in `synthetic` stream of procedural phantoms, so it "
     "shows the pipeline end to end but knows nothing about real medical images."
 )
+
+
+def write_examples(model_dir: Path, repo_id: str) -> list[dict]:
+    """Save phantom example images into model_dir/examples and score them with the folder's own model.
+
+    Returns widget entries (image, candidate labels, and the scores this model gives them): the Hub's free
+    inference does not run custom code, so the card shows real outputs instead. Phantoms carry no licence or
+    privacy burden, whatever data the model was trained on.
+    """
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    labels = list(model.config.expert_names)
+    examples_dir = model_dir / "examples"
+    examples_dir.mkdir(exist_ok=True)
+    widget = []
+    for index, modality in enumerate(EXAMPLE_MODALITIES):
+        phantom = make_phantom(np.random.default_rng(EXAMPLE_SEED + index), image_size=128, modality=modality)
+        name = f"{modality.lower().replace('-', '')}.png"
+        phantom["image"].save(examples_dir / name)
+        batch = processor(
+            images=[phantom["image"]], text=[PROMPT_TEMPLATE.format(label) for label in labels], padding=True
+        )
+        with torch.no_grad():
+            scores = model(**batch).logits_per_image[0].softmax(dim=-1).tolist()
+        hub_file = "/" in repo_id and not Path(repo_id).exists()
+        widget.append(
+            {
+                "src": f"https://huggingface.co/{repo_id}/resolve/main/examples/{name}"
+                if hub_file
+                else f"examples/{name}",
+                "candidate_labels": ", ".join(labels),
+                "example_title": f"{modality} phantom",
+                "output": [
+                    {"label": label, "score": round(score, 4)}
+                    for label, score in sorted(zip(labels, scores), key=lambda pair: -pair[1])
+                ],
+            }
+        )
+    return widget
 
 
 def read_json(path: str | Path | None) -> dict:
@@ -92,7 +143,7 @@ def build_card(
     repo_id = repo_id or train_args.get("hub_model_id") or str(model_dir)
     model_name = model_name or repo_id.rstrip("/").split("/")[-1]
     dataset_name = train_args.get("dataset_name", "synthetic")
-    examples = sorted(path.name for path in (model_dir / "examples").glob("*.png"))
+    widget = write_examples(model_dir, repo_id)
     example_labels = list(config.get("expert_names", []))[:4]
     card_data = ModelCardData(
         language="en",
@@ -104,6 +155,7 @@ def build_card(
         base_model=train_args.get("text_model"),
         model_name=model_name,
         eval_results=eval_results_for_card(results) or None,
+        widget=widget,
     )
     vision_config = config.get("vision_config", {})
     return ModelCard.from_template(
@@ -115,7 +167,7 @@ def build_card(
         expert_names=", ".join(config.get("expert_names", [])),
         backbone=vision_config.get("backbone", "timm"),
         provenance=SYNTHETIC_NOTE if dataset_name == "synthetic" and not train_args.get("train_files") else "",
-        example_image=f"examples/{examples[0]}" if examples else "image.png",
+        example_image=widget[0]["src"].split("/main/")[-1],
         example_labels=json.dumps(example_labels),
         example_report="Axial CT of the abdomen with a hypodense lesion in the liver.",
         prompt_template=PROMPT_TEMPLATE,
@@ -137,7 +189,9 @@ def write_model_card(
     repo_id: str | None = None,
     model_name: str | None = None,
 ) -> Path:
-    """Write `model_dir/README.md`; returns its path."""
+    """Write `model_dir/README.md`, the widget examples and the Inference Endpoints `handler.py`; returns the
+    card's path."""
+    shutil.copyfile(HANDLER, Path(model_dir) / "handler.py")
     card = str(build_card(Path(model_dir), results or {}, train_args or {}, repo_id, model_name))
     path = Path(model_dir) / "README.md"
     path.write_text(card if card.endswith("\n") else card + "\n")

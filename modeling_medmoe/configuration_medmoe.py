@@ -164,20 +164,22 @@ PRESETS: dict[str, dict] = {
     "small": {
         "vision_config": {
             "backbone": "swin_tiny_patch4_window7_224",
-            "backbone_kwargs": {"embed_dim": 48, "depths": [2, 2, 2, 2], "num_heads": [2, 4, 8, 16], "window_size": 4},
+            "backbone_kwargs": {"embed_dim": 32, "depths": [1, 1, 3, 1], "num_heads": [1, 2, 4, 8], "window_size": 4},
             "image_size": 128,
-            "expert_dim": 128,
+            "expert_dim": 96,
+            "local_grid_size": 16,
         },
         "text_config": {
             "model_type": "bert",
             "vocab_size": 8192,
-            "hidden_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "intermediate_size": 1024,
-            "max_position_embeddings": 256,
+            "hidden_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "intermediate_size": 384,
+            "max_position_embeddings": 128,
         },
         "projection_dim": 128,
+        "text_hidden_layers_to_sum": 3,
     },
     "swin-tiny": {
         "vision_config": {
