@@ -76,6 +76,11 @@ def write_examples(model_dir: Path, repo_id: str) -> list[dict]:
     return widget
 
 
+def is_hub_id(name: str) -> bool:
+    """ORG/NAME that is not a local folder."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+
+
 def read_json(path: str | Path | None) -> dict:
     return json.loads(Path(path).read_text()) if path else {}
 
@@ -151,7 +156,7 @@ def build_card(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
         tags=TAGS,
-        datasets=[dataset_name] if dataset_name != "synthetic" and not train_args.get("train_files") else None,
+        datasets=[dataset_name] if is_hub_id(dataset_name) and not train_args.get("train_files") else None,
         base_model=train_args.get("text_model"),
         model_name=model_name,
         eval_results=eval_results_for_card(results) or None,

@@ -84,7 +84,7 @@ class EndpointHandler:
         if "{}" not in template:
             raise BadRequest('"hypothesis_template" must contain {} where the label goes.')
         batch = self.processor(
-            images=[read_image(inputs)],
+            images=[image],
             text=[template.format(label) for label in labels],
             padding=True,
             truncation=True,

@@ -192,3 +192,13 @@ def test_handler_embeddings(handler, card_folder, nano_config):
 def test_handler_explains_bad_requests(handler, request_body, message):
     result = handler(request_body)
     assert isinstance(result, dict) and message in result["error"]
+
+
+def test_demo_prediction_gives_scores_expert_and_overlay(card_folder, nano_config):
+    from model_card.app import Demo
+
+    image = Image.open(card_folder / "examples" / "fundus.png")
+    scores, expert, picture = Demo(str(card_folder)).predict(image, "fundus, CT, X-ray")
+    assert list(scores) == ["fundus", "CT", "X-ray"] and abs(sum(scores.values()) - 1) < 1e-5
+    assert expert in nano_config.expert_names
+    assert picture.size == image.size and picture.mode == "RGB"

@@ -77,6 +77,8 @@ def test_short_run_saves_a_complete_model_folder(short_run):
         "README.md",
         "args.json",
         "eval_results.json",
+        "handler.py",
+        "examples/xray.png",
     ):
         assert (model_dir / name).is_file(), name
     assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt")), "safetensors only"

@@ -126,7 +126,10 @@ class Evaluation:
                 f"The eval rows have no {self.args.label_column!r} column; pass --label_column with one they have."
             )
         experts = [name.lower() for name in self.expert_names]
-        order = lambda name: (experts.index(name.lower()) if name.lower() in experts else len(experts), name)  # noqa: E731
+
+        def order(name: str) -> tuple[int, str]:
+            return (experts.index(name.lower()) if name.lower() in experts else len(experts), name)
+
         names = class_names or sorted({str(value) for value in values if value is not None}, key=order)
         index = {name: position for position, name in enumerate(names)}
         return names, np.array([index.get(str(value), -1) for value in values])

@@ -1,0 +1,82 @@
+"""Gradio demo for a Hub Space: zero-shot scores, the chosen expert and the attention overlay of an uploaded image.
+
+    pip install -e ".[demo]"
+    python model_card/app.py --model outputs/medmoe-nano/model      # or a Hub id
+
+For a Space, copy this file as app.py next to a requirements.txt (torch, transformers, timm, gradio) and set
+MEDMOE_MODEL to the model's Hub id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+PROMPT_TEMPLATE = "A medical image: {}."
+
+
+class Demo:
+    """The model behind the demo; `predict` is the whole computation, free of any UI."""
+
+    def __init__(self, model_name: str):
+        self.model = AutoModel.from_pretrained(model_name, trust_remote_code=True).eval()
+        self.processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=True)
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image, labels_text: str) -> tuple[dict[str, float], str, Image.Image]:
+        """Scores per label (comma-separated, default: the expert names), the chosen expert, and the image with the
+        attention of the best label's prompt words over it."""
+        labels = [label.strip() for label in labels_text.split(",") if label.strip()] or list(
+            self.model.config.expert_names
+        )
+        prompts = [PROMPT_TEMPLATE.format(label) for label in labels]
+        batch = self.processor(images=[image] * len(labels), text=prompts, padding=True, truncation=True)
+        out = self.model(**batch)
+        scores = out.logits_per_image[0].softmax(dim=-1)
+        best = int(scores.argmax())
+        expert = self.model.config.expert_names[int(out.expert_index[0])]
+        word_attention = out.word_region_attention[best][out.word_mask[best]].mean(dim=0)  # [h, w]
+        return {label: float(score) for label, score in zip(labels, scores)}, expert, overlay(image, word_attention)
+
+
+def overlay(image: Image.Image, attention: torch.Tensor, alpha: float = 0.5) -> Image.Image:
+    """The image with a jet-coloured attention map [h, w] blended over it."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    resized = F.interpolate(attention[None, None].float(), size=base.shape[:2], mode="bilinear", align_corners=False)
+    heat = resized[0, 0].numpy()
+    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
+    coloured = colormaps["jet"](heat)[..., :3]
+    blended = np.clip((1 - alpha) * base + alpha * coloured, 0, 1)
+    return Image.fromarray((blended * 255).astype(np.uint8))
+
+
+def build_interface(demo: Demo):
+    import gradio as gr
+
+    return gr.Interface(
+        fn=demo.predict,
+        inputs=[gr.Image(type="pil", label="medical image"), gr.Textbox(label="labels (comma-separated)")],
+        outputs=[gr.Label(label="zero-shot scores"), gr.Textbox(label="chosen expert"), gr.Image(label="attention")],
+        title="MedMoE",
+        description="Research demo, not for clinical use.",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.environ.get("MEDMOE_MODEL"), help="folder or Hub id (or MEDMOE_MODEL)")
+    args = parser.parse_args()
+    if not args.model:
+        parser.error("pass --model or set MEDMOE_MODEL")
+    build_interface(Demo(args.model)).launch()
+
+
+if __name__ == "__main__":
+    main()
