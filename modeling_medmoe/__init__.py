@@ -2,7 +2,7 @@
 
 from .configuration_medmoe import PRESETS, MedMoEConfig, MedMoEVisionConfig
 from .image_processing_medmoe import MedMoEImageProcessor
-from .modeling_medmoe import MedMoEModel, MedMoEOutput, MedMoEPreTrainedModel
+from .modeling_medmoe import MedMoEForImageClassification, MedMoEModel, MedMoEOutput, MedMoEPreTrainedModel
 from .processing_medmoe import MedMoEProcessor
 from .report_types import UNKNOWN_REPORT_TYPE, detect_modality, report_type_index
 
@@ -10,6 +10,7 @@ __all__ = [
     "PRESETS",
     "UNKNOWN_REPORT_TYPE",
     "MedMoEConfig",
+    "MedMoEForImageClassification",
     "MedMoEImageProcessor",
     "MedMoEModel",
     "MedMoEOutput",

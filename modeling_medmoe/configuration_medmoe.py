@@ -23,6 +23,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_medmoe.MedMoEConfig",
     "AutoModel": "modeling_medmoe.MedMoEModel",
     "AutoModelForZeroShotImageClassification": "modeling_medmoe.MedMoEModel",
+    "AutoModelForImageClassification": "modeling_medmoe.MedMoEForImageClassification",
 }
 
 

@@ -116,54 +116,28 @@ class MedMoEPreTrainedModel(PreTrainedModel):
             module.init_non_persistent_buffers()
         if isinstance(module, (ScaleFusionExpert, RouterMLP)):
             self._init_own_layers(module)
-        elif isinstance(module, MedMoEModel):
-            for projection in module.embedding_projections():
-                self._init_own_layers(projection)
-            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        elif isinstance(module, MedMoEPreTrainedModel):
+            for layer in module.own_linear_layers():
+                self._init_own_layers(layer)
+            if hasattr(module, "logit_scale"):
+                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
-    def _init_own_layers(self, module: nn.Module) -> None:
-        for layer in module.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                init.normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
-                if layer.bias is not None:
-                    init.zeros_(layer.bias)
-            elif isinstance(layer, nn.GroupNorm):
-                init.ones_(layer.weight)
-                init.zeros_(layer.bias)
+    def own_linear_layers(self) -> list[nn.Linear]:
+        """The heads this class adds on top of the towers (initialised by `_init_weights`)."""
+        return [self.image_projection]
 
-
-class MedMoEModel(MedMoEPreTrainedModel):
-    """MedMoE: image and report encoders in a shared space, with hard top-1 modality experts on the image side.
-
-    Example:
-        >>> config = MedMoEConfig.from_preset("nano")
-        >>> model = MedMoEModel(config)
-        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, word_ids=word_ids, return_loss=True)
-    """
-
-    def __init__(self, config: MedMoEConfig):
-        super().__init__(config)
+    def build_image_side(self, config: MedMoEConfig) -> None:
+        """The vision pyramid, the image router, the experts and the image projection, under the same names in every
+        MedMoE class, so a pretrained MedMoEModel folder loads into any of them."""
         vision_config = config.vision_config
         self.vision_pyramid = VisionPyramid(vision_config)
         levels = self.vision_pyramid.channels
         self.experts = MixtureOfModalityExperts(levels, config.num_experts, vision_config)
-        router_hidden = vision_config.router_hidden_dim or max(levels[-1] // 2, config.num_experts)
-        self.image_router = RouterMLP(levels[-1], router_hidden, config.num_experts)
-        self.text_tower = TextTower(config.text_config, config.text_hidden_layers_to_sum)
-        text_hidden = config.text_config.hidden_size
-        self.text_router = RouterMLP(text_hidden, router_hidden, config.num_experts)
+        self.router_hidden_dim = vision_config.router_hidden_dim or max(levels[-1] // 2, config.num_experts)
+        self.image_router = RouterMLP(levels[-1], self.router_hidden_dim, config.num_experts)
         self.image_projection = nn.Linear(vision_config.expert_dim, config.projection_dim)
-        self.region_projection = nn.Linear(vision_config.expert_dim, config.projection_dim)
-        self.text_projection = nn.Linear(text_hidden, config.projection_dim)
-        self.word_projection = nn.Linear(text_hidden, config.projection_dim)
-        self.logit_scale = nn.Parameter(torch.empty(()))
-        finest_stride = self.vision_pyramid.reductions[0]
-        grid = vision_config.local_grid_size or vision_config.image_size // finest_stride
+        grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
         self.local_grid_size = (grid, grid)
-        self.post_init()
-
-    def embedding_projections(self) -> list[nn.Linear]:
-        return [self.image_projection, self.region_projection, self.text_projection, self.word_projection]
 
     def encode_image(
         self,
@@ -212,6 +186,41 @@ class MedMoEModel(MedMoEPreTrainedModel):
                 f"and {text_router_logits.shape[0]} reports."
             )
         return text_router_logits
+
+    def _init_own_layers(self, module: nn.Module) -> None:
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                init.normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
+                if layer.bias is not None:
+                    init.zeros_(layer.bias)
+            elif isinstance(layer, nn.GroupNorm):
+                init.ones_(layer.weight)
+                init.zeros_(layer.bias)
+
+
+class MedMoEModel(MedMoEPreTrainedModel):
+    """MedMoE: image and report encoders in a shared space, with hard top-1 modality experts on the image side.
+
+    Example:
+        >>> config = MedMoEConfig.from_preset("nano")
+        >>> model = MedMoEModel(config)
+        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, word_ids=word_ids, return_loss=True)
+    """
+
+    def __init__(self, config: MedMoEConfig):
+        super().__init__(config)
+        self.build_image_side(config)
+        self.text_tower = TextTower(config.text_config, config.text_hidden_layers_to_sum)
+        text_hidden = config.text_config.hidden_size
+        self.text_router = RouterMLP(text_hidden, self.router_hidden_dim, config.num_experts)
+        self.region_projection = nn.Linear(config.vision_config.expert_dim, config.projection_dim)
+        self.text_projection = nn.Linear(text_hidden, config.projection_dim)
+        self.word_projection = nn.Linear(text_hidden, config.projection_dim)
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.post_init()
+
+    def own_linear_layers(self) -> list[nn.Linear]:
+        return [self.image_projection, self.region_projection, self.text_projection, self.word_projection]
 
     def encode_text(
         self,
@@ -370,4 +379,53 @@ class MedMoEModel(MedMoEPreTrainedModel):
         return image.router_logits.sum() * 0.0
 
 
+@dataclass
+class MedMoEImageClassifierOutput(ModelOutput):
+    """Outputs of `MedMoEForImageClassification`: loss (with labels), logits [B, num_labels], the routing
+    (router_logits [B, K], expert_index [B]) and the projected image embedding [B, P]."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    expert_index: torch.LongTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class MedMoEForImageClassification(MedMoEPreTrainedModel):
+    """The vision pyramid, the experts (routed by the image router) and a linear classifier on the projected image
+    embedding. Uses `config.num_labels`, `id2label` and `label2id`; `from_pretrained` on a MedMoEModel folder reuses
+    its vision weights and starts the classifier afresh."""
+
+    def __init__(self, config: MedMoEConfig):
+        super().__init__(config)
+        self.build_image_side(config)
+        self.classifier = nn.Linear(config.projection_dim, config.num_labels)
+        self.post_init()
+
+    def own_linear_layers(self) -> list[nn.Linear]:
+        return [self.image_projection, self.classifier]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        expert_index: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MedMoEImageClassifierOutput | tuple:
+        """pixel_values [B, 3, H, W]; labels [B] class indices (cross-entropy loss when given)."""
+        image = self.encode_image(pixel_values, expert_index=expert_index)
+        logits = self.classifier(image.image_embeds)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        output = MedMoEImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            router_logits=image.router_logits,
+            expert_index=image.expert_index,
+            image_embeds=image.image_embeds,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
 MedMoEModel.register_for_auto_class("AutoModel")
+MedMoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")

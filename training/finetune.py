@@ -1,0 +1,296 @@
+"""Fine-tune a pretrained MedMoE folder: image classification or image-report contrastive, fully or with LoRA.
+
+    accelerate launch training/finetune.py --model outputs/medmoe-nano/model --task classification \
+        --label_column modality --lora --output_dir outputs/finetune-nano
+    accelerate launch training/finetune.py --model outputs/medmoe-realmed/model --task contrastive --lora \
+        --dataset_name ../shared/datasets/realmed --output_dir outputs/finetune-realmed
+
+Writes OUTPUT_DIR/adapter (LoRA: the adapter, load with PeftModel.from_pretrained on the base) or OUTPUT_DIR/model
+(full fine-tuning), OUTPUT_DIR/merged with --merge, and OUTPUT_DIR/eval_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, get_scheduler
+
+if __package__ in (None, ""):  # `accelerate launch training/finetune.py` runs this file as a script
+    # Put the repo root first instead of training/, where evaluate.py would shadow the `evaluate` package.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from modeling_medmoe import MedMoEForImageClassification, MedMoEModel  # noqa: E402
+from training import data as data_module  # noqa: E402
+from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks  # noqa: E402
+from training.metrics import load_metric  # noqa: E402
+
+# Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
+DEFAULT_LORA_TARGETS = ("qkv", "attn.proj", "query", "value", "image_projection", "text_projection")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="pretrained MedMoE folder or Hub id")
+    parser.add_argument("--task", choices=["classification", "contrastive"], default="classification")
+    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--label_column", default="modality", help="the class column (classification)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--lora_target", default=",".join(DEFAULT_LORA_TARGETS), help="comma-separated module names")
+    parser.add_argument("--merge", action="store_true", help="also save the LoRA weights merged into the model")
+    data = parser.add_argument_group("data (as in pretrain.py)")
+    data.add_argument("--dataset_name", default=data_module.SYNTHETIC)
+    data.add_argument("--train_files")
+    data.add_argument("--eval_files")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--eval_split")
+    data.add_argument("--image_column")
+    data.add_argument("--text_column")
+    data.add_argument("--report_type_column")
+    data.add_argument("--num_workers", type=int, default=2)
+    data.add_argument("--shuffle_buffer", type=int, default=1000)
+    data.add_argument("--class_scan_rows", type=int, default=5000, help="train rows read to find the classes")
+    train = parser.add_argument_group("training")
+    train.add_argument("--max_steps", type=int, default=200)
+    train.add_argument("--per_device_train_batch_size", type=int, default=16)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    train.add_argument("--learning_rate", type=float, default=5e-4)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--warmup_steps", type=int, default=10)
+    train.add_argument("--max_eval_samples", type=int, default=1000)
+    train.add_argument("--max_length", type=int, default=128)
+    train.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def find_classes(stream, label_column: str, rows: int) -> list[str]:
+    columns = data_module.stream_columns(stream)
+    if label_column not in columns:
+        raise ValueError(f"--label_column {label_column!r} is not a column; the stream has {list(columns)}.")
+    values = {row[label_column] for row in stream.select_columns([label_column]).take(rows)}
+    return sorted(str(value) for value in values if value is not None)
+
+
+def apply_lora(model, args: argparse.Namespace, modules_to_save: list[str]):
+    """Wrap `model` with peft LoRA on `args.lora_target`; new heads in `modules_to_save` train fully."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=[name.strip() for name in args.lora_target.split(",") if name.strip()],
+        modules_to_save=modules_to_save or None,
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_share(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def build_model(args: argparse.Namespace, classes: list[str]):
+    if args.task == "classification":
+        model = MedMoEForImageClassification.from_pretrained(
+            args.model,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={name: index for index, name in enumerate(classes)},
+        )
+        new_heads = ["classifier"]
+    else:
+        model = MedMoEModel.from_pretrained(args.model)
+        new_heads = []
+    if args.lora:
+        model = apply_lora(model, args, new_heads)
+    return model
+
+
+def class_indices(batch: dict, label_column: str, classes: list[str]) -> torch.Tensor:
+    """Class index per row; -100 (ignored by the loss) for a value not among the classes."""
+    index = {name: position for position, name in enumerate(classes)}
+    return torch.tensor([index.get(str(value), -100) for value in batch["metadata"][label_column]])
+
+
+@torch.no_grad()
+def evaluate_classifier(model, loader, device, label_column: str, classes: list[str]) -> dict:
+    model.eval()
+    scores, labels = [], []
+    for batch in tqdm(loader, desc="evaluating", leave=False):
+        if "pixel_values" not in batch:
+            continue
+        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
+        scores.append(logits.float().softmax(dim=-1).cpu())
+        labels.append(class_indices(batch, label_column, classes))
+    scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    known = labels >= 0
+    result = load_metric("classification").compute(
+        predictions=scores.argmax(axis=1)[known],
+        references=labels[known],
+        prediction_scores=scores[known].tolist(),
+        class_names=classes,
+    )
+    model.train()
+    return {"accuracy": result["accuracy"], "auroc": result.get("auroc", float("nan")), "num_samples": int(known.sum())}
+
+
+def evaluate_contrastive(model, loader, device) -> dict:
+    embedded = embed_pairs(model, loader, device, description="evaluating")
+    image_to_text = recall_at_k(retrieval_ranks(embedded.image_embeds, embedded.text_embeds))
+    text_to_image = recall_at_k(retrieval_ranks(embedded.text_embeds, embedded.image_embeds))
+    return {
+        **{f"image_to_text_{key}": value for key, value in image_to_text.items()},
+        **{f"text_to_image_{key}": value for key, value in text_to_image.items()},
+        "num_samples": len(embedded.texts),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+    )
+    set_seed(args.seed, device_specific=False)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    options = data_module.DataOptions(
+        dataset_name=args.dataset_name,
+        train_files=args.train_files,
+        eval_files=args.eval_files,
+        image_column=args.image_column,
+        text_column=args.text_column,
+        report_type_column=args.report_type_column,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+    )
+    train_stream = data_module.load_stream(options, "train")
+    image_column = data_module.detect_column(train_stream, args.image_column, "image")
+    text_column = data_module.detect_column(train_stream, args.text_column, "text")
+    classes = (
+        find_classes(train_stream, args.label_column, args.class_scan_rows) if args.task == "classification" else []
+    )
+    model = build_model(args, classes)
+    trainable, total = trainable_share(model)
+    mode = f"{args.task} with LoRA" if args.lora else f"{args.task}, all weights"
+    accelerator.print(f"{mode}: trainable {100 * trainable / total:.1f}% ({trainable:,} of {total:,} parameters)")
+    if classes:
+        accelerator.print(f"classes from {args.label_column!r}: {classes}")
+
+    expert_names = list((model.get_base_model() if args.lora else model).config.expert_names)
+    keep = (args.label_column,) if args.task == "classification" else ()
+
+    def loader(which: str, batch_size: int, **kwargs):
+        stream = train_stream if which == "train" else data_module.load_stream(options, "eval")
+        prepared = data_module.prepare_stream(stream, image_column=image_column, **kwargs)
+        prepare = data_module.RowPreparer(
+            processor, expert_names, image_column, text_column, args.report_type_column, metadata_columns=keep
+        )
+        collate = data_module.BatchCollator(processor, args.max_length)
+        batches = data_module.BatchStream(prepared, prepare, collate, batch_size, drop_last=which == "train")
+        return data_module.make_dataloader(batches, args.num_workers)
+
+    train_loader = loader(
+        "train",
+        args.per_device_train_batch_size,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        shuffle_seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer,
+    )
+    eval_loader = loader("eval", args.per_device_eval_batch_size, max_rows=args.max_eval_samples)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    scheduler = get_scheduler(
+        "cosine", optimizer, args.warmup_steps * accelerator.num_processes, args.max_steps * accelerator.num_processes
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    losses, step, epoch = [], 0, 0
+    bar = tqdm(total=args.max_steps, desc=f"fine-tuning ({args.task})", disable=not accelerator.is_main_process)
+    model.train()
+    while step < args.max_steps:
+        train_loader.dataset.stream.set_epoch(epoch)
+        for batch in train_loader:
+            if "pixel_values" not in batch:
+                continue
+            if args.task == "classification":
+                out = model(
+                    pixel_values=batch["pixel_values"].to(accelerator.device),
+                    labels=class_indices(batch, args.label_column, classes).to(accelerator.device),
+                )
+            else:
+                out = model(
+                    **model_inputs(batch, accelerator.device),
+                    report_type_labels=batch["report_type_labels"].to(accelerator.device),
+                    return_loss=True,
+                )
+            accelerator.backward(out.loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(accelerator.reduce(out.loss.detach(), reduction="mean").item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step >= args.max_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    summary = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if args.task == "classification":
+            metrics = evaluate_classifier(unwrapped, eval_loader, accelerator.device, args.label_column, classes)
+        else:
+            metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device)
+        summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def save_outputs(args, model, processor, metrics: dict, losses: list[float], share: float) -> dict:
+    """The adapter (LoRA) or the model (full), the merged model (--merge), and eval_results.json."""
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    target = args.output_dir / ("adapter" if args.lora else "model")
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    saved["adapter" if args.lora else "model"] = str(target)
+    if args.lora and args.merge:
+        merged_dir = args.output_dir / "merged"
+        model.merge_and_unload().save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
+        saved["merged"] = str(merged_dir)
+    summary = {
+        "task": args.task,
+        "lora": args.lora,
+        "trainable_share": share,
+        "steps": len(losses),
+        "first_loss": float(np.mean(losses[:10])) if losses else None,
+        "last_loss": float(np.mean(losses[-10:])) if losses else None,
+        "metrics": metrics,
+        "saved": saved,
+    }
+    (args.output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("Eval: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float)))
+    for kind, path in saved.items():
+        print(f"Saved {kind}: {path}")
+    print(f"Results: {args.output_dir / 'eval_results.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
