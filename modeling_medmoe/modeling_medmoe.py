@@ -98,6 +98,10 @@ class TextEncoding(ModelOutput):
     token_features: torch.FloatTensor | None = None
 
 
+class Head(nn.Linear):
+    """A linear head of ours (projections, classifier): `_init_weights` initialises it, unlike the towers' layers."""
+
+
 class MedMoEPreTrainedModel(PreTrainedModel):
     config: MedMoEConfig
     config_class = MedMoEConfig
@@ -114,17 +118,10 @@ class MedMoEPreTrainedModel(PreTrainedModel):
         here."""
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-        if isinstance(module, (ScaleFusionExpert, RouterMLP)):
+        if isinstance(module, (ScaleFusionExpert, RouterMLP, Head)):
             self._init_own_layers(module)
-        elif isinstance(module, MedMoEPreTrainedModel):
-            for layer in module.own_linear_layers():
-                self._init_own_layers(layer)
-            if hasattr(module, "logit_scale"):
-                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-
-    def own_linear_layers(self) -> list[nn.Linear]:
-        """The heads this class adds on top of the towers (initialised by `_init_weights`)."""
-        return [self.image_projection]
+        elif isinstance(module, MedMoEModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
     def build_image_side(self, config: MedMoEConfig) -> None:
         """The vision pyramid, the image router, the experts and the image projection, under the same names in every
@@ -135,7 +132,7 @@ class MedMoEPreTrainedModel(PreTrainedModel):
         self.experts = MixtureOfModalityExperts(levels, config.num_experts, vision_config)
         self.router_hidden_dim = vision_config.router_hidden_dim or max(levels[-1] // 2, config.num_experts)
         self.image_router = RouterMLP(levels[-1], self.router_hidden_dim, config.num_experts)
-        self.image_projection = nn.Linear(vision_config.expert_dim, config.projection_dim)
+        self.image_projection = Head(vision_config.expert_dim, config.projection_dim)
         grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
         self.local_grid_size = (grid, grid)
 
@@ -213,14 +210,11 @@ class MedMoEModel(MedMoEPreTrainedModel):
         self.text_tower = TextTower(config.text_config, config.text_hidden_layers_to_sum)
         text_hidden = config.text_config.hidden_size
         self.text_router = RouterMLP(text_hidden, self.router_hidden_dim, config.num_experts)
-        self.region_projection = nn.Linear(config.vision_config.expert_dim, config.projection_dim)
-        self.text_projection = nn.Linear(text_hidden, config.projection_dim)
-        self.word_projection = nn.Linear(text_hidden, config.projection_dim)
+        self.region_projection = Head(config.vision_config.expert_dim, config.projection_dim)
+        self.text_projection = Head(text_hidden, config.projection_dim)
+        self.word_projection = Head(text_hidden, config.projection_dim)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.post_init()
-
-    def own_linear_layers(self) -> list[nn.Linear]:
-        return [self.image_projection, self.region_projection, self.text_projection, self.word_projection]
 
     def encode_text(
         self,
@@ -399,11 +393,8 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
     def __init__(self, config: MedMoEConfig):
         super().__init__(config)
         self.build_image_side(config)
-        self.classifier = nn.Linear(config.projection_dim, config.num_labels)
+        self.classifier = Head(config.projection_dim, config.num_labels)
         self.post_init()
-
-    def own_linear_layers(self) -> list[nn.Linear]:
-        return [self.image_projection, self.classifier]
 
     def forward(
         self,

@@ -1,0 +1,169 @@
+"""MedMoEForImageClassification and training/finetune.py: LoRA share, adapter reload, merge, learning, pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
+from training.finetune import DEFAULT_LORA_TARGETS, apply_lora, trainable_share
+from training.synthetic import MODALITIES, make_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = Namespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target=",".join(DEFAULT_LORA_TARGETS))
+CLASSES = list(MODALITIES)
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory, nano_config, processor):
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    MedMoEModel(nano_config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def classifier_from(folder):
+    return MedMoEForImageClassification.from_pretrained(
+        folder,
+        num_labels=len(CLASSES),
+        id2label=dict(enumerate(CLASSES)),
+        label2id={c: i for i, c in enumerate(CLASSES)},
+    )
+
+
+@pytest.fixture(scope="module")
+def phantom_batch(processor):
+    generator = np.random.default_rng(3)
+    rows = [make_phantom(generator, 64, modality) for modality in MODALITIES for _ in range(2)]
+    pixels = processor(images=[row["image"] for row in rows])["pixel_values"]
+    return pixels, torch.tensor([CLASSES.index(row["modality"]) for row in rows])
+
+
+def perturb_lora(model):
+    """LoRA B starts at zero (the adapter is the identity); give it weights so reloading is really tested."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+
+
+def test_classifier_reuses_the_pretrained_vision_weights(base_folder):
+    base = MedMoEModel.from_pretrained(base_folder)
+    classifier = classifier_from(base_folder)
+    for name in ("image_projection.weight", "experts.experts.0.scale_scorer.0.weight", "image_router.0.weight"):
+        torch.testing.assert_close(classifier.state_dict()[name], base.state_dict()[name])
+    assert classifier.config.id2label[0] == CLASSES[0] and torch.isfinite(classifier.classifier.weight).all()
+
+
+@pytest.mark.parametrize("task", ["classification", "contrastive"])
+def test_lora_trains_under_five_percent_of_parameters(base_folder, task):
+    model = classifier_from(base_folder) if task == "classification" else MedMoEModel.from_pretrained(base_folder)
+    peft_model = apply_lora(model, LORA, ["classifier"] if task == "classification" else [])
+    trainable, total = trainable_share(peft_model)
+    assert 0 < trainable / total < 0.05
+    names = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("attn.qkv.lora_A" in name for name in names) and any("image_projection.lora_A" in name for name in names)
+    if task == "contrastive":
+        assert any("query.lora_A" in name for name in names)
+
+
+def test_reloaded_adapter_and_merged_model_give_identical_outputs(base_folder, phantom_batch, tmp_path):
+    pixels, _ = phantom_batch
+    peft_model = apply_lora(classifier_from(base_folder), LORA, ["classifier"]).eval()
+    perturb_lora(peft_model)
+    with torch.no_grad():
+        expected = peft_model(pixel_values=pixels).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(classifier_from(base_folder), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, expected, rtol=0, atol=0)
+        merged = peft_model.merge_and_unload().eval()
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_contrastive_adapter_loads_on_an_automodel_base(base_folder, batch, tmp_path):
+    from transformers import AutoModel
+
+    peft_model = apply_lora(MedMoEModel.from_pretrained(base_folder), LORA, []).eval()
+    perturb_lora(peft_model)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits_per_image
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = AutoModel.from_pretrained(base_folder, trust_remote_code=True)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits_per_image, expected, rtol=0, atol=0)
+
+
+def test_a_few_lora_steps_lower_the_classification_loss(base_folder, phantom_batch):
+    pixels, labels = phantom_batch
+    model = apply_lora(classifier_from(base_folder), LORA, ["classifier"]).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(16):
+        loss = model(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_finetune_script_saves_adapter_and_merged_classifier_for_the_pipeline(base_folder, tmp_path):
+    output_dir = tmp_path / "finetuned"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        str(ROOT / "training" / "finetune.py"),
+        "--model",
+        str(base_folder),
+        "--task",
+        "classification",
+        "--lora",
+        "--merge",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_eval_samples",
+        "16",
+        "--class_scan_rows",
+        "200",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(output_dir),
+    ]
+    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "trainable" in completed.stdout and "%" in completed.stdout
+    summary = json.loads((output_dir / "eval_results.json").read_text())
+    assert {"accuracy", "auroc"} <= set(summary["metrics"]) and summary["steps"] == 4
+    assert (output_dir / "adapter" / "adapter_config.json").is_file()
+
+    check = (
+        "import sys, json; from PIL import Image; from transformers import pipeline\n"
+        "classify = pipeline('image-classification', model=sys.argv[1], trust_remote_code=True)\n"
+        "print(json.dumps(classify(Image.new('RGB', (96, 96), (120, 40, 20)))))\n"
+    )
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "HF_HOME": str(tmp_path / "hf")}
+    completed = subprocess.run(
+        [sys.executable, "-c", check, str(output_dir / "merged")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    predictions = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert {entry["label"] for entry in predictions} <= set(CLASSES) and len(predictions) == 5
