@@ -43,6 +43,8 @@ class MedMoEVisionConfig(PreTrainedConfig):
         scale_attention_hidden_dim: hidden width of the per-location scale-attention MLP (default D // 2).
         local_grid_size: side of the grid all scales are resized to (default: the finest level, H/4).
         router_hidden_dim: hidden width of the router MLPs (default: half the coarsest level's channels).
+        expert_dispatch: "sparse" runs each sample through its chosen expert only; "dense" runs all K experts and
+            keeps the chosen output (the authors' way; for comparison and benchmarks).
     """
 
     model_type = "medmoe_vision_model"
@@ -58,8 +60,11 @@ class MedMoEVisionConfig(PreTrainedConfig):
     scale_attention_hidden_dim: int | None = None
     local_grid_size: int | None = None
     router_hidden_dim: int | None = None
+    expert_dispatch: Literal["sparse", "dense"] = "sparse"
 
     def validate_architecture(self):
+        if self.expert_dispatch not in ("sparse", "dense"):
+            raise ValueError(f"expert_dispatch must be 'sparse' or 'dense', got {self.expert_dispatch!r}.")
         if len(self.backbone_out_indices) != 4:
             raise ValueError(f"backbone_out_indices must name 4 feature levels, got {self.backbone_out_indices}.")
         if self.expert_depth < 1:

@@ -69,17 +69,20 @@ class RouterMLP(nn.Sequential):
 
 
 class MixtureOfModalityExperts(nn.Module):
-    """K experts with hard top-1 dispatch: each sample runs through its chosen expert only.
+    """K experts with hard top-1 dispatch.
 
-    The batch is sorted by expert, each expert runs once on its group, and the outputs are put back in batch
-    order. The gate probability of the chosen expert multiplies the output as p / stop_gradient(p): the value is
-    the expert's output unchanged, and the router receives the gradient of a probability-weighted mixture
-    (a straight-through estimator).
+    `sparse` (default): the batch is sorted by expert, each expert runs once on its group, and the outputs are put
+    back in batch order, so each sample runs through its chosen expert only. `dense` runs every expert on every
+    sample and keeps the chosen output (the authors' implementation; K times the head cost, kept for comparison).
+    The gate probability of the chosen expert multiplies the output as p / stop_gradient(p): the value is the
+    expert's output unchanged, and the router receives the gradient of a probability-weighted mixture (a
+    straight-through estimator).
     """
 
     def __init__(self, level_channels: list[int], num_experts: int, config: MedMoEVisionConfig):
         super().__init__()
         self.experts = nn.ModuleList(ScaleFusionExpert(level_channels, config) for _ in range(num_experts))
+        self.dispatch = config.expert_dispatch
 
     def forward(
         self,
@@ -92,6 +95,12 @@ class MixtureOfModalityExperts(nn.Module):
 
         Returns (local map [batch, D, h, w], scale attention [batch, levels, h, w]).
         """
+        run = self.run_dense if self.dispatch == "dense" else self.run_sparse
+        local_map, scale_attention = run(levels, expert_index, grid_size)
+        straight_through = gate_probability / gate_probability.detach()
+        return local_map * straight_through.to(local_map.dtype)[:, None, None, None], scale_attention
+
+    def run_sparse(self, levels, expert_index, grid_size):
         order = torch.argsort(expert_index, stable=True)
         group_sizes = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
         sorted_levels = [level.index_select(0, order) for level in levels]
@@ -106,7 +115,11 @@ class MixtureOfModalityExperts(nn.Module):
             scale_attentions.append(scale_attention)
             start += size
         restore = torch.argsort(order)
-        local_map = torch.cat(local_maps).index_select(0, restore)
-        scale_attention = torch.cat(scale_attentions).index_select(0, restore)
-        straight_through = gate_probability / gate_probability.detach()
-        return local_map * straight_through.to(local_map.dtype)[:, None, None, None], scale_attention
+        return torch.cat(local_maps).index_select(0, restore), torch.cat(scale_attentions).index_select(0, restore)
+
+    def run_dense(self, levels, expert_index, grid_size):
+        outputs = [expert(levels, grid_size) for expert in self.experts]
+        rows = torch.arange(expert_index.shape[0], device=expert_index.device)
+        local_maps = torch.stack([local_map for local_map, _ in outputs], dim=1)  # [batch, K, D, h, w]
+        scale_attentions = torch.stack([attention for _, attention in outputs], dim=1)
+        return local_maps[rows, expert_index], scale_attentions[rows, expert_index]

@@ -132,3 +132,17 @@ def test_loads_in_bfloat16(model, batch, tmp_path):
         out = loaded(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
     assert out.logits_per_image.dtype == torch.bfloat16
     assert torch.isfinite(out.logits_per_image.float()).all()
+
+
+def test_dense_dispatch_gives_the_same_outputs_and_gradients_as_sparse(nano_config, batch):
+    """The authors' dense mode (all experts run, one kept) is the reference for the sparse dispatch."""
+    results = []
+    for dispatch in ("sparse", "dense"):
+        config = nano_config.__class__.from_dict(nano_config.to_dict())
+        config.vision_config.expert_dispatch = dispatch
+        torch.manual_seed(0)
+        model = MedMoEModel(config).eval()
+        out = model(**batch, return_loss=True, report_type_labels=torch.tensor([0, 1, 2, 3, 4, 5, -100, -100]))
+        out.loss.backward()
+        results.append((out.loss.detach(), out.image_embeds.detach(), model.image_router[0].weight.grad.clone()))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)

@@ -1,0 +1,134 @@
+"""Local (GLoRIA) loss: our vectorised, chunked loss vs the authors' per-caption loop.
+
+    python benchmarks/local_loss.py [--quick]
+
+Speed at B=32, 25 words, D=256 on 14x14 and 28x28 region grids (forward + backward, median after warm-up), the
+largest value difference, and the peak memory (RSS, each variant in its own process) of the chunked loss vs the
+unchunked one at B=64 on the 28x28 grid. Last line: JSON with local_loss_vectorised_speedup and
+local_loss_chunked_memory_ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
+from modeling_medmoe.losses import local_contrastive_loss  # noqa: E402
+
+TEMPERATURES = (4.0, 5.0, 10.0)
+
+
+def per_caption_loop_loss(words, word_mask, regions, temp1=4.0, temp2=5.0, temp3=10.0):
+    """The authors' loop: one caption at a time, batched over all images (GLoRIA's local_loss)."""
+    batch = regions.shape[0]
+    context = regions.transpose(1, 2)  # [images, P, regions]
+    similarities = []
+    for caption in range(batch):
+        count = int(word_mask[caption].sum())
+        word = words[caption, :count].T.unsqueeze(0).repeat(batch, 1, 1)  # [images, P, words]
+        attention = torch.bmm(context.transpose(1, 2), word)  # [images, regions, words]
+        attention = attention.softmax(dim=-1).transpose(1, 2)  # softmax over words -> [images, words, regions]
+        attention = (temp1 * attention).softmax(dim=-1)
+        weighted_context = torch.bmm(context, attention.transpose(1, 2))  # [images, P, words]
+        cosine = F.cosine_similarity(word.transpose(1, 2), weighted_context.transpose(1, 2), dim=2, eps=1e-8)
+        similarities.append(torch.log(torch.exp(temp2 * cosine).sum(dim=1, keepdim=True)))
+    logits = temp3 * torch.cat(similarities, dim=1)  # [images, captions]
+    labels = torch.arange(batch)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def inputs(batch: int, words: int, grid: int, width: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    word_embeds = torch.randn(batch, words, width, generator=generator, requires_grad=True)
+    lengths = torch.randint(words // 2, words + 1, (batch,), generator=generator)
+    word_mask = torch.arange(words)[None, :] < lengths[:, None]
+    regions = torch.randn(batch, grid * grid, width, generator=generator, requires_grad=True)
+    return word_embeds, word_mask, regions
+
+
+def step(loss_fn, word_embeds, word_mask, regions, **kwargs):
+    def run():
+        loss = loss_fn(word_embeds, word_mask, regions, **kwargs)
+        loss.backward()
+        return loss
+
+    return run
+
+
+def peak_rss_megabytes(chunk_size: int, batch: int, grid: int) -> float:
+    """Run one forward + backward in a fresh process; the growth of its peak RSS over the inputs' footprint."""
+    code = (
+        "import resource, sys, torch; sys.path.insert(0, sys.argv[1])\n"
+        "from benchmarks.local_loss import inputs; from modeling_medmoe.losses import local_contrastive_loss\n"
+        f"w, m, r = inputs({batch}, 25, {grid}, 256); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"local_contrastive_loss(w, m, r, chunk_size={chunk_size}).backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    completed = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True)
+    return float(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute here)")
+    parser.add_argument("--chunk_size", type=int, default=8, help="captions per chunk of the chunked loss")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 7
+    torch.manual_seed(0)
+    rows = [
+        ("grid", "per-caption loop (s)", "vectorised (s)", f"chunked {args.chunk_size} (s)", "speedup", "max |diff|")
+    ]
+    speedups = []
+    for grid in (14, 28):
+        word_embeds, word_mask, regions = inputs(32, 25, grid, 256)
+        with torch.no_grad():
+            reference = per_caption_loop_loss(word_embeds, word_mask, regions)
+            ours = local_contrastive_loss(word_embeds, word_mask, regions, *TEMPERATURES, chunk_size=args.chunk_size)
+        loop = median_seconds(step(per_caption_loop_loss, word_embeds, word_mask, regions), repeats)
+        vectorised = median_seconds(
+            step(local_contrastive_loss, word_embeds, word_mask, regions, chunk_size=0), repeats
+        )
+        chunked = median_seconds(
+            step(local_contrastive_loss, word_embeds, word_mask, regions, chunk_size=args.chunk_size), repeats
+        )
+        best = min(vectorised, chunked)
+        speedups.append(loop / best)
+        rows.append(
+            (
+                f"{grid}x{grid}",
+                f"{loop:.3f}",
+                f"{vectorised:.3f}",
+                f"{chunked:.3f}",
+                f"{loop / best:.2f}x",
+                f"{abs(float(reference) - float(ours)):.1e}",
+            )
+        )
+    print_table("Local loss, B=32, 25 words, D=256, forward + backward (median)", rows)
+
+    unchunked = peak_rss_megabytes(0, 64, 28)
+    chunked = peak_rss_megabytes(args.chunk_size, 64, 28)
+    print_table(
+        "Peak memory of one forward + backward, B=64, 28x28 regions (RSS growth, own process)",
+        [
+            ("variant", "MB"),
+            ("unchunked", f"{unchunked:.0f}"),
+            (f"chunked ({args.chunk_size} captions)", f"{chunked:.0f}"),
+        ],
+    )
+    results = {"local_loss_vectorised_speedup": min(speedups), "local_loss_chunked_memory_ratio": chunked / unchunked}
+    print_json(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
