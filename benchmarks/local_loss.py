@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
+from modeling_medmoe import MedMoEConfig  # noqa: E402
 from modeling_medmoe.losses import local_contrastive_loss  # noqa: E402
 
 TEMPERATURES = (4.0, 5.0, 10.0)
@@ -65,13 +66,17 @@ def step(loss_fn, word_embeds, word_mask, regions, **kwargs):
 
 
 def peak_rss_megabytes(chunk_size: int, batch: int, grid: int) -> float:
-    """Run one forward + backward in a fresh process; the growth of its peak RSS over the inputs' footprint."""
+    """One forward + backward in a fresh process: its peak RSS (VmHWM, reset after the inputs are made) minus the
+    RSS before the loss, in MB."""
     code = (
-        "import resource, sys, torch; sys.path.insert(0, sys.argv[1])\n"
+        "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
         "from benchmarks.local_loss import inputs; from modeling_medmoe.losses import local_contrastive_loss\n"
-        f"w, m, r = inputs({batch}, 25, {grid}, 256); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def status(key):\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))\n"
+        f"w, m, r = inputs({batch}, 25, {grid}, 256)\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = status('VmRSS:')\n"
         f"local_contrastive_loss(w, m, r, chunk_size={chunk_size}).backward()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print((status('VmHWM:') - before) / 1024)\n"
     )
     root = str(Path(__file__).resolve().parents[1])
     completed = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True)
@@ -81,7 +86,9 @@ def peak_rss_megabytes(chunk_size: int, batch: int, grid: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute here)")
-    parser.add_argument("--chunk_size", type=int, default=8, help="captions per chunk of the chunked loss")
+    parser.add_argument(
+        "--chunk_size", type=int, default=MedMoEConfig().local_loss_chunk_size, help="captions per chunk"
+    )
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else 7
     torch.manual_seed(0)

@@ -112,7 +112,7 @@ class MedMoEConfig(PreTrainedConfig):
     local_temperature_attention: float = 4.0
     local_temperature_word: float = 5.0
     local_temperature_logits: float = 10.0
-    local_loss_chunk_size: int = 16
+    local_loss_chunk_size: int = 8
     global_loss_weight: float = 1.0
     local_loss_weight: float = 1.0
     report_type_loss_weight: float = 1.0

@@ -188,3 +188,26 @@ def test_upload_without_network_keeps_the_model_and_never_shows_the_token(tmp_pa
     outputs = completed.stdout + completed.stderr
     outputs += "".join(path.read_text(errors="ignore") for path in output_dir.rglob("*") if path.is_file())
     assert FAKE_TOKEN not in outputs
+
+
+def test_a_non_finite_step_is_skipped_and_training_continues(model, batch):
+    """train_step on a batch whose pixels are NaN: no update, counted as skipped; the next batch trains."""
+    import torch
+    from accelerate import Accelerator
+
+    from training.pretrain import train_step
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    inputs = {**batch, "report_type_labels": torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])}
+    poisoned = {**inputs, "pixel_values": torch.full_like(batch["pixel_values"], float("nan"))}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    out, finite = train_step(accelerator, model, poisoned, optimizer, scheduler, 1.0, True)
+    assert not finite and not torch.isfinite(out.loss)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "no update from a NaN step"
+    assert all(p.grad is None for p in model.parameters())
+    out, finite = train_step(accelerator, model, inputs, optimizer, scheduler, 1.0, True)
+    assert finite and torch.isfinite(out.loss)
+    assert not torch.equal(before["image_projection.weight"], model.image_projection.weight)

@@ -216,6 +216,39 @@ def log_step(accelerator, out, scheduler, meter: ThroughputMeter, step: int, mod
     meter.reset()
 
 
+def all_finite(accelerator, value: torch.Tensor) -> bool:
+    """True when `value` is finite on every process (so all processes take the same branch)."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1).to(accelerator.device)
+    return bool(accelerator.gather(flag).min() > 0)
+
+
+def train_step(accelerator, model, batch, optimizer, scheduler, max_grad_norm: float, cycle_finite: bool):
+    """One micro-batch: forward, backward, and at the end of an accumulation cycle the optimizer step.
+
+    A non-finite loss (on any process) is not back-propagated; a non-finite gradient norm, or any non-finite
+    micro-batch in the cycle, skips the optimizer and scheduler step on every process. Returns the model output
+    and whether the cycle is still finite.
+    """
+    with accelerator.accumulate(model):
+        out = model(
+            **model_inputs(batch, accelerator.device),
+            report_type_labels=batch["report_type_labels"].to(accelerator.device),
+            return_loss=True,
+        )
+        cycle_finite = cycle_finite and all_finite(accelerator, out.loss)
+        if cycle_finite:
+            accelerator.backward(out.loss)
+        if accelerator.sync_gradients:
+            if cycle_finite:
+                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+                cycle_finite = all_finite(accelerator, norm)
+            if cycle_finite:
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return out, cycle_finite
+
+
 def batches_forever(dataloader, stream, progress: TrainingProgress, accelerator):
     """Yield training batches epoch after epoch; after a resume, skip the batches the run had already used."""
     while True:
@@ -347,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluations = []
     bar = tqdm(total=args.max_steps, initial=progress.step, desc="pretraining", disable=not accelerator.is_main_process)
     meter = ThroughputMeter()
+    cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
     data = batches_forever(train_loader, train_prepared, progress, accelerator)
     model.train()
     while progress.step < args.max_steps:
@@ -354,22 +388,21 @@ def main(argv: list[str] | None = None) -> dict:
         progress.skipped_rows.update(batch["skipped"])
         if "pixel_values" not in batch:
             continue
-        with accelerator.accumulate(model):
-            out = model(
-                **model_inputs(batch, accelerator.device),
-                report_type_labels=batch["report_type_labels"].to(accelerator.device),
-                return_loss=True,
-            )
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        out, cycle_finite = train_step(
+            accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite
+        )
         images = batch["pixel_values"].shape[0] * accelerator.num_processes
         progress.images_seen += images
         meter.add(images, out.expert_index)
         if not accelerator.sync_gradients:
+            continue
+        if not cycle_finite:
+            progress.skipped_steps += 1
+            cycle_finite = True
+            bar.write(
+                f"step {progress.step + 1}: non-finite loss or gradient, step skipped ({progress.skipped_steps} so far)"
+            )
+            accelerator.log({"skipped_steps": progress.skipped_steps}, step=progress.step)
             continue
         progress.step += 1
         bar.update(1)
