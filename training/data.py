@@ -8,6 +8,8 @@ batches there; a row that cannot be used is skipped and counted by reason, and t
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import glob
 import io
 import os
@@ -47,6 +49,35 @@ class DataOptions:
     synthetic_rows_per_shard: int = 2000
     synthetic_shards: int = 8
     synthetic_image_size: int = 128
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataOptions":
+        """The options from parsed `add_data_arguments` flags."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in vars(args).items() if name in names and value is not None})
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data flags every script shares."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=SYNTHETIC, help="synthetic, a Hub dataset id or a local dataset folder")
+    data.add_argument("--train_files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
+    data.add_argument("--eval_files", help="glob for the evaluation rows (same formats)")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--eval_split", help="default: the first of validation, eval, valid, val, test")
+    data.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
+    data.add_argument("--text_column", help="default: detected (text, report, caption, findings, ...)")
+    data.add_argument("--report_type_column", help="column naming the modality; default: read from the report text")
+    data.add_argument("--shuffle_buffer", type=int, default=1000)
+    data.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process (decode + transforms)")
+
+
+def open_stream(options: DataOptions, which: str) -> tuple[datasets.IterableDataset, str, str]:
+    """The train or eval stream with its image and text columns (given or detected)."""
+    stream = load_stream(options, which)
+    image_column = detect_column(stream, options.image_column, "image")
+    text_column = detect_column(stream, options.text_column, "text")
+    return stream, image_column, text_column
 
 
 def files_stream(pattern: str) -> datasets.IterableDataset:

@@ -47,13 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a saved MedMoE folder or Hub id")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    parser.add_argument("--dataset_name", default=data_module.SYNTHETIC, help="synthetic, a Hub id or a folder")
-    parser.add_argument("--eval_files", help="glob of the evaluation rows (parquet, .tar, jsonl, csv, imagefolder)")
-    parser.add_argument("--train_files", help="glob of the rows the linear probe is fitted on")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--eval_split", help="default: the first of validation, eval, valid, val, test")
-    parser.add_argument("--image_column")
-    parser.add_argument("--text_column")
+    data_module.add_data_arguments(parser)  # --train_files / the train split feed the linear probe
     parser.add_argument("--label_column", default="modality", help="classes for zero-shot, probe and routing")
     parser.add_argument("--templates", type=Path, help="file with one prompt template per line, {} = class name")
     parser.add_argument("--pool_size", type=int, help="retrieval pool: the first N eval rows (default: all)")
@@ -62,7 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_visualizations", type=int, default=4, help="samples drawn as attention pictures")
     parser.add_argument("--max_pointing_samples", type=int, default=512, help="rows scored by the pointing game")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -82,28 +75,18 @@ class Evaluation:
         self.model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
         self.expert_names = list(self.model.config.expert_names)
-        self.options = data_module.DataOptions(
-            dataset_name=args.dataset_name,
-            train_files=args.train_files,
-            eval_files=args.eval_files,
-            image_column=args.image_column,
-            text_column=args.text_column,
-            train_split=args.train_split,
-            eval_split=args.eval_split,
-        )
+        self.options = data_module.DataOptions.from_args(args)
         self.metrics: dict[str, float] = {}
         self.details: dict[str, object] = {}
         self.pictures: list[str] = []
 
     def loader(self, which: str, max_rows: int | None, batch_size: int | None = None):
-        stream = data_module.load_stream(self.options, which)
-        image_column = data_module.detect_column(stream, self.args.image_column, "image")
-        text_column = data_module.detect_column(stream, self.args.text_column, "text")
+        stream, image_column, text_column = data_module.open_stream(self.options, which)
         columns = data_module.stream_columns(stream)
         keep = tuple(column for column in (self.args.label_column, "finding", "finding_box") if column in columns)
         prepared = data_module.prepare_stream(stream, image_column=image_column, max_rows=max_rows)
         prepare = data_module.RowPreparer(
-            self.processor, self.expert_names, image_column, text_column, metadata_columns=keep
+            self.processor, self.expert_names, image_column, text_column, self.args.report_type_column, keep
         )
         batches = data_module.BatchStream(
             prepared,

@@ -48,18 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--lora_target", default=",".join(DEFAULT_LORA_TARGETS), help="comma-separated module names")
     parser.add_argument("--merge", action="store_true", help="also save the LoRA weights merged into the model")
-    data = parser.add_argument_group("data (as in pretrain.py)")
-    data.add_argument("--dataset_name", default=data_module.SYNTHETIC)
-    data.add_argument("--train_files")
-    data.add_argument("--eval_files")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--eval_split")
-    data.add_argument("--image_column")
-    data.add_argument("--text_column")
-    data.add_argument("--report_type_column")
-    data.add_argument("--num_workers", type=int, default=2)
-    data.add_argument("--shuffle_buffer", type=int, default=1000)
-    data.add_argument("--class_scan_rows", type=int, default=5000, help="train rows read to find the classes")
+    data_module.add_data_arguments(parser)
+    parser.add_argument("--class_scan_rows", type=int, default=5000, help="train rows read to find the classes")
     train = parser.add_argument_group("training")
     train.add_argument("--max_steps", type=int, default=200)
     train.add_argument("--per_device_train_batch_size", type=int, default=16)
@@ -163,19 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(args.seed, device_specific=False)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    options = data_module.DataOptions(
-        dataset_name=args.dataset_name,
-        train_files=args.train_files,
-        eval_files=args.eval_files,
-        image_column=args.image_column,
-        text_column=args.text_column,
-        report_type_column=args.report_type_column,
-        train_split=args.train_split,
-        eval_split=args.eval_split,
-    )
-    train_stream = data_module.load_stream(options, "train")
-    image_column = data_module.detect_column(train_stream, args.image_column, "image")
-    text_column = data_module.detect_column(train_stream, args.text_column, "text")
+    options = data_module.DataOptions.from_args(args)
+    train_stream, image_column, text_column = data_module.open_stream(options, "train")
     classes = (
         find_classes(train_stream, args.label_column, args.class_scan_rows) if args.task == "classification" else []
     )

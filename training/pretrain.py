@@ -65,24 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--max_length", type=int, default=128, help="report length in tokens")
     model.add_argument("--gradient_checkpointing", action="store_true")
 
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset_name", default=data_module.SYNTHETIC, help="synthetic, a Hub dataset id or a local dataset folder"
-    )
-    data.add_argument("--train_files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
-    data.add_argument("--eval_files", help="glob for the evaluation rows (same formats)")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--eval_split", help="default: the first of validation, eval, valid, val, test")
-    data.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
-    data.add_argument("--text_column", help="default: detected (text, report, caption, findings, ...)")
-    data.add_argument("--report_type_column", help="column naming the modality; default: read from the report text")
-    data.add_argument(
+    data_module.add_data_arguments(parser)
+    parser.add_argument(
         "--ground_truth_columns",
         default="modality,finding_box,label",
         help="columns kept for evaluation when present (comma-separated)",
     )
-    data.add_argument("--shuffle_buffer", type=int, default=1000)
-    data.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process (decode + transforms)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=Path, help="default: outputs/medmoe-PRESET")
@@ -281,19 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    options = data_module.DataOptions(
-        dataset_name=args.dataset_name,
-        train_files=args.train_files,
-        eval_files=args.eval_files,
-        image_column=args.image_column,
-        text_column=args.text_column,
-        report_type_column=args.report_type_column,
-        train_split=args.train_split,
-        eval_split=args.eval_split,
-    )
-    train_stream = data_module.load_stream(options, "train")
-    image_column = data_module.detect_column(train_stream, args.image_column, "image")
-    text_column = data_module.detect_column(train_stream, args.text_column, "text")
+    options = data_module.DataOptions.from_args(args)
+    train_stream, image_column, text_column = data_module.open_stream(options, "train")
 
     with accelerator.main_process_first():
         tokenizer = text_tokenizer(
