@@ -1,6 +1,7 @@
 """training/pretrain.py end to end, as subprocesses: the saved folder, resume, 2 processes, towers, Hub upload."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -211,3 +212,10 @@ def test_a_non_finite_step_is_skipped_and_training_continues(model, batch):
     out, finite = train_step(accelerator, model, inputs, optimizer, scheduler, 1.0, True)
     assert finite and torch.isfinite(out.loss)
     assert not torch.equal(before["image_projection.weight"], model.image_projection.weight)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    output_dir = tmp_path / "bf16"
+    run_script(["--max_steps", "2", "--mixed_precision", "bf16", "--output_dir", str(output_dir), *FAST])
+    assert json.loads((output_dir / "model" / "args.json").read_text())["mixed_precision"] == "bf16"
+    assert all(math.isfinite(loss) for loss in losses(output_dir).values())

@@ -220,32 +220,31 @@ class RowPreparer:
         return text.strip()
 
     def read_image(self, row: dict) -> Image.Image:
-        """Decode the image cell (PIL, {"bytes", "path"} or a path) and check its size."""
+        """Decode the image cell (PIL, {"bytes", "path"}, bytes or a path) and check its size before decoding."""
         value = row.get(self.image_column)
+        if isinstance(value, dict):
+            value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
         if value is None:
             raise SkipRow("missing_image")
         if isinstance(value, Image.Image):
             image = value
-        else:
-            source = value
-            if isinstance(value, dict):
-                source = value.get("bytes") or value.get("path")
-                if source is None:
-                    raise SkipRow("missing_image")
-            if isinstance(source, (bytes, bytearray)):
-                if len(source) == 0:
-                    raise SkipRow("empty_image_bytes")
-                source = io.BytesIO(source)
+        elif isinstance(value, (bytes, bytearray, str)):
+            if len(value) == 0:
+                raise SkipRow("empty_image_bytes" if isinstance(value, (bytes, bytearray)) else "missing_image")
+            if isinstance(value, str) and not os.path.isfile(value):
+                raise SkipRow("missing_image_file", value)
             try:
-                image = Image.open(source)
+                image = Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 raise SkipRow("undecodable_image", str(error)) from error
+        else:
+            raise SkipRow("unsupported_image_value", type(value).__name__)
         width, height = image.size
         if width * height > self.max_image_pixels:
             raise SkipRow("too_many_pixels", f"{width}x{height}")
         try:
             image.load()
-        except (OSError, ValueError, SyntaxError) as error:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise SkipRow("undecodable_image", str(error)) from error
         return image
 
