@@ -219,3 +219,44 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     run_script(["--max_steps", "2", "--mixed_precision", "bf16", "--output_dir", str(output_dir), *FAST])
     assert json.loads((output_dir / "model" / "args.json").read_text())["mixed_precision"] == "bf16"
     assert all(math.isfinite(loss) for loss in losses(output_dir).values())
+
+
+def test_sigkill_then_resume_latest_matches_the_uninterrupted_run(short_run, tmp_path):
+    """Kill -9 a run once its step-3 checkpoint exists (a half-written checkpoint folder is left beside it), then
+    `--resume_from_checkpoint latest`: steps 4-6 reproduce the uninterrupted run's losses exactly."""
+    import signal
+    import time
+
+    uninterrupted_dir, _ = short_run
+    output_dir = tmp_path / "killed"
+    arguments = [
+        "--max_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--output_dir",
+        str(output_dir),
+        *FAST,
+        "--tokenizer",
+        str(uninterrupted_dir / "tokenizer"),
+    ]  # the learnt vocabulary may differ on ties
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "training" / "pretrain.py"), *arguments],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while not (output_dir / "checkpoints" / "step_3").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (output_dir / "checkpoints" / ".tmp_step_6").mkdir(exist_ok=True)  # what a kill during a save leaves
+    (output_dir / "checkpoints" / ".tmp_step_6" / "model.safetensors").write_bytes(b"partial")
+    run_script([*arguments, "--resume_from_checkpoint", "latest"])
+    resumed, uninterrupted = losses(output_dir), losses(uninterrupted_dir)
+    for step in (4, 5, 6):
+        assert resumed[step] == uninterrupted[step], step

@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--num_experts", type=int, help="number of experts (1 = no mixture)")
     model.add_argument("--local_loss_weight", type=float, help="weight of the local loss (0 = global loss only)")
     model.add_argument("--expert_depth", type=int, help="1 = 1x1 projections (paper Table 3); >1 adds conv blocks")
+    model.add_argument("--tokenizer", help="use this tokenizer (folder or Hub id) instead of learning one")
     model.add_argument(
         "--tokenizer_vocab_size", type=int, default=2048, help="WordPiece vocabulary learnt from the data"
     )

@@ -25,15 +25,17 @@ def offline_hint(name: str, error: Exception) -> str:
 
 
 def text_tokenizer(args, train_stream, text_column: str, save_dir: Path, is_main_process: bool):
-    """The --text_model's tokenizer, or a WordPiece tokenizer learnt from the first reports of the train stream.
+    """The --tokenizer or --text_model's tokenizer, or a WordPiece tokenizer learnt from the first reports of the
+    train stream (the learnt vocabulary may differ between runs where pieces tie; --tokenizer reuses one).
 
     Call it main-process-first: the main process learns and saves the vocabulary, the others read it. A resumed
     run reads the vocabulary its checkpoints were trained with."""
-    if args.text_model:
+    source = args.tokenizer or args.text_model
+    if source:
         try:
-            return AutoTokenizer.from_pretrained(args.text_model, model_max_length=args.max_length)
+            return AutoTokenizer.from_pretrained(source, model_max_length=args.max_length)
         except (OSError, ValueError) as error:
-            raise PretrainedWeightsUnavailable(offline_hint(args.text_model, error)) from None
+            raise PretrainedWeightsUnavailable(offline_hint(source, error)) from None
     if args.resume_from_checkpoint and (save_dir / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(save_dir)
     if is_main_process:
