@@ -260,3 +260,17 @@ def test_sigkill_then_resume_latest_matches_the_uninterrupted_run(short_run, tmp
     resumed, uninterrupted = losses(output_dir), losses(uninterrupted_dir)
     for step in (4, 5, 6):
         assert resumed[step] == uninterrupted[step], step
+
+
+def test_pretraining_on_parquet_files_without_eval_files(tmp_path):
+    from training.synthetic import synthetic_stream
+
+    from .test_data import write_parquet
+
+    write_parquet(list(synthetic_stream(num_shards=1, rows_per_shard=40, image_size=48)), tmp_path / "train.parquet")
+    output_dir = tmp_path / "files"
+    completed = run_script(
+        ["--max_steps", "2", "--train_files", str(tmp_path / "*.parquet"), "--output_dir", str(output_dir), *FAST]
+    )
+    assert "No held-out evaluation" in completed.stdout and "text column 'caption'" in completed.stdout
+    assert (output_dir / "model" / "model.safetensors").is_file()

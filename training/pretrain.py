@@ -314,12 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader = data_module.make_dataloader(
         batch_stream(train_prepared, args.per_device_train_batch_size), args.num_workers
     )
-    eval_stream = data_module.prepare_stream(
-        data_module.load_stream(options, "eval"), image_column=image_column, max_rows=args.max_eval_samples
-    )
-    eval_loader = data_module.make_dataloader(
-        batch_stream(eval_stream, args.per_device_eval_batch_size, drop_last=False), args.num_workers
-    )
+    eval_loader = None  # --train_files without --eval_files: no held-out rows to evaluate on
+    if args.eval_files or not args.train_files:
+        eval_stream = data_module.prepare_stream(
+            data_module.load_stream(options, "eval"), image_column=image_column, max_rows=args.max_eval_samples
+        )
+        eval_loader = data_module.make_dataloader(
+            batch_stream(eval_stream, args.per_device_eval_batch_size, drop_last=False), args.num_workers
+        )
 
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler(  # a prepared scheduler steps once per process at every optimizer step
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         is_last = progress.step == args.max_steps
         if progress.step % args.logging_steps == 0 or is_last:
             log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, output_dir / "train_log.jsonl")
-        if (args.eval_steps and progress.step % args.eval_steps == 0) or is_last:
+        if eval_loader is not None and ((args.eval_steps and progress.step % args.eval_steps == 0) or is_last):
             if accelerator.is_main_process:
                 result = evaluate_pairs(unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names)
                 result["step"] = progress.step
@@ -420,12 +422,14 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
         model_dir, results, run_config, repo_id=args.hub_model_id or str(model_dir), model_name=output_dir.name
     )
 
-    metrics = final.get("metrics", {})
-    recall, chance = metrics.get("image_to_text_R@5", math.nan), final.get("chance_R@5", math.nan)
-    print(f"\nHeld-out evaluation ({final.get('num_samples', 0)} pairs):")
-    purity, truth = metrics.get("routing_purity", math.nan), final.get("routing_truth", "modality")
-    print(f"  routing purity vs {truth}: {purity:.3f}  (goal >= 0.9)")
-    print(f"  image->text R@5: {recall:.3f} = {recall / chance:.1f}x chance ({chance:.3f})  (goal >= 3x)")
+    if final:
+        metrics = final["metrics"]
+        recall, chance = metrics["image_to_text_R@5"], final["chance_R@5"]
+        print(f"\nHeld-out evaluation ({final['num_samples']} pairs):")
+        print(f"  routing purity vs {final['routing_truth']}: {metrics['routing_purity']:.3f}  (goal >= 0.9)")
+        print(f"  image->text R@5: {recall:.3f} = {recall / chance:.1f}x chance ({chance:.3f})  (goal >= 3x)")
+    else:
+        print("\nNo held-out evaluation: pass --eval_files (or a dataset with an eval split).")
     summary = {
         "model_dir": str(model_dir),
         "steps": progress.step,
