@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 from training import data as data_module  # noqa: E402
 from training.embedding import EmbeddedSet, embed_pairs, model_inputs  # noqa: E402
-from training.metrics import load_metric  # noqa: E402
+from training.metrics import classification_results, load_metric  # noqa: E402
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "routing", "attention")
 DEFAULT_TEMPLATES = (
@@ -134,13 +134,7 @@ def zero_shot(evaluation: Evaluation, embedded: EmbeddedSet, templates: list[str
         )
     class_embeds = F.normalize(F.normalize(text, dim=-1).view(len(names), len(templates), -1).mean(dim=1), dim=-1)
     scores = (embedded.image_embeds @ class_embeds.T).softmax(dim=-1).numpy()
-    known = labels >= 0
-    result = load_metric("classification").compute(
-        predictions=scores.argmax(axis=1)[known],
-        references=labels[known],
-        prediction_scores=scores[known].tolist(),
-        class_names=names,
-    )
+    result = classification_results(scores, labels, names)
     evaluation.metrics.update(
         {f"zero_shot/{key}": result[key] for key in ("accuracy", "mean_per_class_accuracy", "auroc")}
     )

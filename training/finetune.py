@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `accelerate launch training/finetune.py` runs t
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel  # noqa: E402
 from training import data as data_module  # noqa: E402
 from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks  # noqa: E402
-from training.metrics import load_metric  # noqa: E402
+from training.metrics import classification_results  # noqa: E402
 
 # Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
 DEFAULT_LORA_TARGETS = ("qkv", "attn.proj", "query", "value", "image_projection", "text_projection")
@@ -124,15 +124,13 @@ def evaluate_classifier(model, loader, device, label_column: str, classes: list[
         scores.append(logits.float().softmax(dim=-1).cpu())
         labels.append(class_indices(batch, label_column, classes))
     scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
-    known = labels >= 0
-    result = load_metric("classification").compute(
-        predictions=scores.argmax(axis=1)[known],
-        references=labels[known],
-        prediction_scores=scores[known].tolist(),
-        class_names=classes,
-    )
+    result = classification_results(scores, labels, classes)
     model.train()
-    return {"accuracy": result["accuracy"], "auroc": result.get("auroc", float("nan")), "num_samples": int(known.sum())}
+    return {
+        "accuracy": result["accuracy"],
+        "auroc": result.get("auroc", float("nan")),
+        "num_samples": int((labels >= 0).sum()),
+    }
 
 
 def evaluate_contrastive(model, loader, device) -> dict:
