@@ -68,18 +68,18 @@ def global_contrastive_loss(
 
 
 def word_region_attention(
-    word_region_scores: torch.Tensor, word_mask: torch.Tensor, attention_temperature: float, word_dim: int = -2
+    word_region_scores: torch.Tensor, word_mask: torch.Tensor, attention_temperature: float
 ) -> torch.Tensor:
     """GLoRIA's attention of words over regions: softmax_regions(temp1 * softmax_words(w . r)).
 
     Args:
-        word_region_scores: dot products w . r, [..., words, regions] (words at `word_dim`, regions last).
+        word_region_scores: dot products w . r, [..., words, regions].
         word_mask: [..., words] (broadcastable), True for real words.
 
     Returns the scores' shape; each real word's attention sums to 1 over regions.
     """
     masked = word_region_scores.masked_fill(~word_mask.unsqueeze(-1), torch.finfo(word_region_scores.dtype).min)
-    over_words = masked.softmax(dim=word_dim)
+    over_words = masked.softmax(dim=-2)
     return (attention_temperature * over_words).softmax(dim=-1)
 
 
@@ -103,7 +103,7 @@ def caption_image_scores(
     captions, words, width = word_embeds.shape
     word_region = torch.matmul(word_embeds.reshape(captions * words, width), region_embeds.transpose(1, 2))
     word_region = word_region.view(region_embeds.shape[0], captions, words, -1)  # [images, captions, words, regions]
-    attention = word_region_attention(word_region, word_mask.unsqueeze(0), attention_temperature, word_dim=-2)
+    attention = word_region_attention(word_region, word_mask.unsqueeze(0), attention_temperature)
     word_context_dot = (attention * word_region).sum(dim=-1)  # [images, captions, words]
     context = torch.bmm(attention.flatten(1, 2), region_embeds)  # [images, captions * words, P]
     context_norm = context.norm(dim=-1).view_as(word_context_dot)

@@ -14,8 +14,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from modeling_medmoe.processing_medmoe import NOT_A_WORD  # noqa: E402
+
 MAX_WORD_PANELS = 15
-NOT_A_WORD = -1  # as in modeling_medmoe.processing_medmoe
 
 
 def report_words(tokenizer, input_ids: torch.Tensor, word_ids: torch.Tensor) -> list[list[str]]:
