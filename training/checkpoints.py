@@ -1,7 +1,13 @@
-"""Training checkpoints: accelerate's save_state written atomically, the latest one found again, progress counters."""
+"""Training checkpoints: accelerate's save_state written atomically, the latest one found again, progress counters.
+
+Nothing is unpickled on resume: the model is safetensors, the progress counters JSON, and accelerate reads the
+optimizer, scheduler, scaler and RNG files with `torch.load(weights_only=True)` (its default; only objects
+registered with `register_for_checkpointing` would be unpickled, and none are).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+PROGRESS_FILE = "training_progress.json"
 
 
 @dataclass
 class TrainingProgress:
-    """Counters that must survive a restart; registered with `accelerator.register_for_checkpointing`."""
+    """Counters that must survive a restart; saved as JSON beside accelerate's state."""
 
     step: int = 0
     epoch: int = 0
@@ -63,9 +70,10 @@ def resolve_checkpoint(resume_from: str, checkpoints_dir: Path) -> Path:
     return checkpoints_dir / f"step_{steps[-1]}"
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a temporary folder, then rename it into place, so a kill during the write
-    leaves the previous checkpoints intact; keeps the newest `keep` checkpoints (0 = all)."""
+def save_checkpoint(accelerator, checkpoints_dir: Path, progress: TrainingProgress, keep: int) -> Path:
+    """`accelerator.save_state` and the progress counters into a temporary folder, then rename it into place, so a
+    kill during the write leaves the previous checkpoints intact; keeps the newest `keep` checkpoints (0 = all)."""
+    step = progress.step
     final = checkpoints_dir / f"step_{step}"
     temporary = checkpoints_dir / f".tmp_step_{step}"
     if accelerator.is_main_process:
@@ -74,6 +82,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, keep: int) ->
     accelerator.save_state(str(temporary), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (temporary / PROGRESS_FILE).write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         if keep > 0:
@@ -81,3 +90,9 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, keep: int) ->
                 shutil.rmtree(checkpoints_dir / f"step_{old_step}", ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, progress: TrainingProgress) -> None:
+    """Restore the prepared model, optimizer, scheduler, scaler and RNG states, and `progress`, from `checkpoint`."""
+    accelerator.load_state(str(checkpoint))
+    progress.load_state_dict(json.loads((checkpoint / PROGRESS_FILE).read_text()))

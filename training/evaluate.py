@@ -49,10 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     data_module.add_data_arguments(parser)  # --train_files / the train split feed the linear probe
     parser.add_argument("--label_column", default="modality", help="classes for zero-shot, probe and routing")
+    parser.add_argument(
+        "--probe_columns", help="comma-separated columns the linear probe classifies (default: the label column)"
+    )
     parser.add_argument("--templates", type=Path, help="file with one prompt template per line, {} = class name")
     parser.add_argument("--pool_size", type=int, help="retrieval pool: the first N eval rows (default: all)")
     parser.add_argument("--max_samples", type=int, help="evaluate at most this many eval rows")
     parser.add_argument("--max_train_samples", type=int, default=2000, help="rows the linear probe is fitted on")
+    parser.add_argument(
+        "--probe_min_class_rows", type=int, default=5, help="the probe leaves out classes with fewer train rows"
+    )
     parser.add_argument("--num_visualizations", type=int, default=4, help="samples drawn as attention pictures")
     parser.add_argument("--max_pointing_samples", type=int, default=512, help="rows scored by the pointing game")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -60,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    args.probe_columns = [c.strip() for c in (args.probe_columns or args.label_column).split(",") if c.strip()]
     unknown = set(args.tasks) - set(TASKS)
     if unknown:
         parser.error(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
@@ -67,14 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Evaluation:
-    """One evaluation run: the model, its processor, the data options and what has been measured so far."""
+    """One evaluation run: the model, its processor, the data options and what has been measured so far.
 
-    def __init__(self, args: argparse.Namespace):
+    `model` is a MedMoEModel or anything with its interface: forward(**inputs) giving image_embeds, text_embeds and
+    expert_index, and get_text_features(input_ids, attention_mask).pooler_output (benchmarks/open_clip_baseline.py
+    wraps an open_clip model this way, to be scored by the same code).
+    """
+
+    def __init__(self, args: argparse.Namespace, model, processor, expert_names: list[str]):
         self.args = args
         self.device = torch.device(args.device)
-        self.model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-        self.expert_names = list(self.model.config.expert_names)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.expert_names = list(expert_names)
         self.options = data_module.DataOptions.from_args(args)
         self.metrics: dict[str, float] = {}
         self.details: dict[str, object] = {}
@@ -83,7 +95,8 @@ class Evaluation:
     def loader(self, which: str, max_rows: int | None, batch_size: int | None = None):
         stream, image_column, text_column = data_module.open_stream(self.options, which)
         columns = data_module.stream_columns(stream)
-        keep = tuple(column for column in (self.args.label_column, "finding", "finding_box") if column in columns)
+        wanted = (self.args.label_column, *self.args.probe_columns, "finding", "finding_box")
+        keep = tuple(dict.fromkeys(column for column in wanted if column in columns))
         prepared = data_module.prepare_stream(stream, image_column=image_column, max_rows=max_rows)
         prepare = data_module.RowPreparer(
             self.processor, self.expert_names, image_column, text_column, self.args.report_type_column, keep
@@ -100,14 +113,14 @@ class Evaluation:
     def embed(self, which: str, max_rows: int | None) -> EmbeddedSet:
         return embed_pairs(self.model, self.loader(which, max_rows), self.device, description=f"embedding {which}")
 
-    def class_labels(self, embedded: EmbeddedSet, class_names: list[str] | None = None):
-        """(class names, class index per row) for the label column; rows without a label get -1. Classes named
-        like an expert come first, in expert order (the routing table's diagonal)."""
-        values = embedded.metadata.get(self.args.label_column)
+    def class_labels(self, embedded: EmbeddedSet, class_names: list[str] | None = None, column: str | None = None):
+        """(class names, class index per row) for `column` (default: the label column); rows without a label, or
+        with one outside `class_names`, get -1. Classes named like an expert come first, in expert order (the
+        routing table's diagonal)."""
+        column = column or self.args.label_column
+        values = embedded.metadata.get(column)
         if values is None:
-            raise ValueError(
-                f"The eval rows have no {self.args.label_column!r} column; pass --label_column with one they have."
-            )
+            raise ValueError(f"The rows have no {column!r} column; pass --label_column with one they have.")
         experts = [name.lower() for name in self.expert_names]
 
         def order(name: str) -> tuple[int, str]:
@@ -177,27 +190,41 @@ def retrieval(evaluation: Evaluation, embedded: EmbeddedSet) -> None:
 
 
 def linear_probe(evaluation: Evaluation, embedded: EmbeddedSet) -> None:
-    """The paper's Table 2 protocol: frozen image embeddings, logistic regression on 1%, 10%, 100% of train."""
+    """The paper's Table 2 protocol: frozen image embeddings, logistic regression on 1%, 10%, 100% of train, for
+    each probe column. Metrics: linear_probe/accuracy_F for the label column, linear_probe_COLUMN/accuracy_F for
+    the others. Classes with fewer than --probe_min_class_rows train rows are left out, with their eval rows
+    (counted in the details)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     train = evaluation.embed("train", evaluation.args.max_train_samples)
-    names, train_labels = evaluation.class_labels(train)
-    _, eval_labels = evaluation.class_labels(embedded, names)
     train_features, eval_features = train.image_embeds.numpy(), embedded.image_embeds.numpy()
     scaler = StandardScaler().fit(train_features)
     generator = np.random.default_rng(evaluation.args.seed)
-    keep_train, keep_eval = train_labels >= 0, eval_labels >= 0
-    accuracies = {}
-    for fraction in PROBE_FRACTIONS:
-        chosen = subsample_per_class(train_labels[keep_train], fraction, generator)
-        features = scaler.transform(train_features[keep_train][chosen])
-        classifier = LogisticRegression(max_iter=2000).fit(features, train_labels[keep_train][chosen])
-        predicted = classifier.predict(scaler.transform(eval_features[keep_eval]))
-        result = load_metric("classification").compute(predictions=predicted, references=eval_labels[keep_eval])
-        accuracies[f"{fraction:.0%}"] = result["accuracy"]
-        evaluation.metrics[f"linear_probe/accuracy_{fraction:.0%}"] = result["accuracy"]
-    evaluation.details["linear_probe"] = {"train_rows": int(keep_train.sum()), "classes": names, "accuracy": accuracies}
+    for column in evaluation.args.probe_columns:
+        names, train_labels = evaluation.class_labels(train, column=column)
+        _, eval_labels = evaluation.class_labels(embedded, names, column=column)
+        rows_per_class = np.bincount(train_labels[train_labels >= 0], minlength=len(names))
+        frequent = np.flatnonzero(rows_per_class >= evaluation.args.probe_min_class_rows)
+        keep_train, keep_eval = np.isin(train_labels, frequent), np.isin(eval_labels, frequent)
+        prefix = "linear_probe" if column == evaluation.args.label_column else f"linear_probe_{column}"
+        accuracies = {}
+        for fraction in PROBE_FRACTIONS:
+            chosen = subsample_per_class(train_labels[keep_train], fraction, generator)
+            features = scaler.transform(train_features[keep_train][chosen])
+            classifier = LogisticRegression(max_iter=2000).fit(features, train_labels[keep_train][chosen])
+            predicted = classifier.predict(scaler.transform(eval_features[keep_eval]))
+            result = load_metric("classification").compute(predictions=predicted, references=eval_labels[keep_eval])
+            accuracies[f"{fraction:.0%}"] = result["accuracy"]
+            evaluation.metrics[f"{prefix}/accuracy_{fraction:.0%}"] = result["accuracy"]
+        evaluation.details[prefix] = {
+            "column": column,
+            "train_rows": int(keep_train.sum()),
+            "eval_rows": int(keep_eval.sum()),
+            "eval_rows_left_out": int((~keep_eval).sum()),
+            "classes": len(frequent),
+            "accuracy": accuracies,
+        }
 
 
 def subsample_per_class(labels: np.ndarray, fraction: float, generator: np.random.Generator) -> np.ndarray:
@@ -317,8 +344,15 @@ def markdown_table(metrics: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    return evaluate_model(args, model, processor, model.config.expert_names)
+
+
+def evaluate_model(args: argparse.Namespace, model, processor, expert_names: list[str]) -> dict:
+    """Run args.tasks on `model` (see `Evaluation`), write OUT/results.json, results.md and pictures."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    evaluation = Evaluation(args)
+    evaluation = Evaluation(args, model, processor, expert_names)
     templates = DEFAULT_TEMPLATES
     if args.templates:
         templates = [line.strip() for line in args.templates.read_text().splitlines() if "{}" in line]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs t
 from model_card.generate import write_model_card  # noqa: E402
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor  # noqa: E402
 from training import data as data_module  # noqa: E402
-from training.checkpoints import TrainingProgress, resolve_checkpoint, save_checkpoint  # noqa: E402
+from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
 from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks, routing_purity  # noqa: E402
 from training.hub import UploadFailed, push_folder  # noqa: E402
 from training.towers import (  # noqa: E402
@@ -75,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=Path, help="default: outputs/medmoe-PRESET")
-    train.add_argument("--max_steps", type=int, default=400, help="optimizer steps")
+    train.add_argument("--max_steps", type=int, default=400, help="optimizer steps (the schedule's length)")
+    train.add_argument(
+        "--max_train_minutes", type=float, help="also stop after this much training time (a wall-clock budget)"
+    )
     train.add_argument("--per_device_train_batch_size", type=int, default=32)
     train.add_argument("--per_device_eval_batch_size", type=int, default=64)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -89,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--logging_steps", type=int, default=10)
     train.add_argument("--eval_steps", type=int, default=100, help="evaluate every N steps (0 = only at the end)")
     train.add_argument("--max_eval_samples", type=int, default=384, help="rows of the held-out slice")
-    train.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps (0 = never)")
+    train.add_argument("--checkpointing_steps", type=int, default=0, help="checkpoint every N steps (0 = never)")
     train.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep this many checkpoints (0 = all)")
     train.add_argument("--resume_from_checkpoint", help="latest or a checkpoint folder")
     train.add_argument(
@@ -238,6 +241,25 @@ def train_step(accelerator, model, batch, optimizer, scheduler, max_grad_norm: f
     return out, cycle_finite
 
 
+class TrainingDeadline:
+    """A wall-clock budget for the training loop, counted from its creation; the main process's clock decides for
+    every process, so all of them stop after the same step."""
+
+    def __init__(self, minutes: float | None, accelerator):
+        self.start = time.monotonic()
+        self.end = self.start + 60 * minutes if minutes else None
+        self.accelerator = accelerator
+
+    def elapsed_seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def passed(self) -> bool:
+        if self.end is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() >= self.end)], device=self.accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
+
+
 def batches_forever(dataloader, stream, progress: TrainingProgress, accelerator):
     """Yield training batches epoch after epoch; after a resume, skip the batches the run had already used."""
     while True:
@@ -332,10 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, progress)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step} (epoch {progress.epoch}).")
     elif accelerator.is_main_process:
         (output_dir / "train_log.jsonl").unlink(missing_ok=True)
@@ -362,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     meter = ThroughputMeter()
     cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
     data = batches_forever(train_loader, train_prepared, progress, accelerator)
+    deadline = TrainingDeadline(args.max_train_minutes, accelerator)
     model.train()
     while progress.step < args.max_steps:
         batch = next(data)
@@ -386,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         progress.step += 1
         bar.update(1)
-        is_last = progress.step == args.max_steps
+        is_last = progress.step == args.max_steps or deadline.passed()
         if progress.step % args.logging_steps == 0 or is_last:
             log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, output_dir / "train_log.jsonl")
         if eval_loader is not None and ((args.eval_steps and progress.step % args.eval_steps == 0) or is_last):
@@ -398,18 +420,23 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
             accelerator.wait_for_everyone()
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
-            save_checkpoint(accelerator, checkpoints_dir, progress.step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, checkpoints_dir, progress, args.checkpoints_total_limit)
+        if is_last:
+            break
     bar.close()
+    train_seconds = deadline.elapsed_seconds()
 
     summary = {}
     if accelerator.is_main_process:
-        summary = finish(args, unwrapped, processor, evaluations, progress, run_config, output_dir, model_dir)
+        summary = finish(
+            args, unwrapped, processor, evaluations, progress, run_config, output_dir, model_dir, train_seconds
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def finish(args, model, processor, evaluations, progress, run_config, output_dir, model_dir) -> dict:
+def finish(args, model, processor, evaluations, progress, run_config, output_dir, model_dir, train_seconds) -> dict:
     """Save the model folder and its card, print the quality figures, write the run summary, upload if asked."""
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
@@ -432,8 +459,10 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
         print("\nNo held-out evaluation: pass --eval_files (or a dataset with an eval split).")
     summary = {
         "model_dir": str(model_dir),
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "steps": progress.step,
         "images_seen": progress.images_seen,
+        "train_seconds": round(train_seconds, 1),  # this process's training loop, evaluations included
         "skipped_rows": dict(progress.skipped_rows),
         "skipped_steps": progress.skipped_steps,
         "evaluations": evaluations,

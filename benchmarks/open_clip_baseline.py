@@ -1,0 +1,212 @@
+"""Train and evaluate an open_clip model as MedMoE's baseline: same rows, tokens, image size, batch and budget.
+
+Run by benchmarks/realmed.py inside the separate open_clip virtual environment it creates; by hand:
+
+    .venv-open_clip/bin/python benchmarks/open_clip_baseline.py --dataset_name ../shared/datasets/realmed \
+        --tokenizer outputs/benchmark-realmed/medmoe/tokenizer --max_steps 300 --max_train_minutes 20 \
+        --output_dir outputs/benchmark-realmed/open_clip
+
+The model is open_clip's `CLIP` built from a config with random initialisation (no download): a ViT image tower
+(patch 16) and a causal text transformer pooled at the [SEP] token, sized to MedMoE's `small` preset. Batches come
+from training/data.py with a MedMoE processor (the MedMoE run's tokenizer, padded to --max_length), the loss is
+open_clip's `ClipLoss`, the optimizer and schedule are pretrain.py's. Evaluation is training/evaluate.py's
+`evaluate_model` on a wrapper with MedMoE's interface. Writes OUT/train_log.jsonl, OUT/run_summary.json,
+OUT/model.safetensors + OUT/open_clip_config.json and OUT/eval/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
+
+import open_clip  # noqa: E402
+from open_clip.loss import ClipLoss  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoTokenizer, get_scheduler  # noqa: E402
+
+from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
+from training import data as data_module  # noqa: E402
+from training import evaluate as evaluation_module  # noqa: E402
+from training.embedding import model_inputs  # noqa: E402
+from training.pretrain import parameter_groups  # noqa: E402
+
+EVAL_TASKS = "zero_shot,retrieval,linear_probe"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, type=Path, help="the MedMoE run's tokenizer folder")
+    parser.add_argument("--output_dir", required=True, type=Path)
+    data_module.add_data_arguments(parser)
+    model = parser.add_argument_group("model (defaults: about the parameter count of MedMoE's small preset)")
+    model.add_argument("--image_size", type=int, default=128)
+    model.add_argument("--patch_size", type=int, default=16)
+    model.add_argument("--vision_width", type=int, default=160)
+    model.add_argument("--vision_layers", type=int, default=6)
+    model.add_argument("--text_width", type=int, default=128)
+    model.add_argument("--text_layers", type=int, default=3)
+    model.add_argument("--embed_dim", type=int, default=128)
+    train = parser.add_argument_group("training (same meaning as in training/pretrain.py)")
+    train.add_argument("--max_steps", type=int, default=400)
+    train.add_argument("--max_train_minutes", type=float, help="also stop after this much training time")
+    train.add_argument("--per_device_train_batch_size", type=int, default=32)
+    train.add_argument("--max_length", type=int, default=48)
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--weight_decay", type=float, default=0.05)
+    train.add_argument("--warmup_steps", type=int, default=25)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--skip_evaluation", action="store_true", help="train only (used to measure throughput)")
+    parser.add_argument("--max_train_samples", type=int, default=4000, help="rows the linear probe is fitted on")
+    parser.add_argument("--probe_columns", default="modality,label")
+    return parser.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, tokenizer) -> open_clip.CLIP:
+    """open_clip's CLIP from a config, randomly initialised; the text tower reads MedMoE's WordPiece tokens."""
+    vision = {
+        "image_size": args.image_size,
+        "patch_size": args.patch_size,
+        "width": args.vision_width,
+        "layers": args.vision_layers,
+        "head_width": 32,
+    }
+    text = {
+        "context_length": args.max_length,
+        "vocab_size": len(tokenizer),
+        "width": args.text_width,
+        "heads": max(1, args.text_width // 64),
+        "layers": args.text_layers,
+        "pad_id": tokenizer.pad_token_id,
+        "eos_id": tokenizer.sep_token_id,  # causal mask: the [SEP] token has read the whole report
+        "pool_type": "eos",
+    }
+    return open_clip.CLIP(embed_dim=args.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def fixed_length(input_ids: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
+    """[B, L] -> [B, length]: open_clip adds a positional embedding of exactly context_length."""
+    return F.pad(input_ids, (0, length - input_ids.shape[1]), value=pad_id)
+
+
+class OpenClipForEvaluation(torch.nn.Module):
+    """An open_clip model behind the interface training/evaluate.py scores (see `Evaluation`); one 'expert'."""
+
+    def __init__(self, model: open_clip.CLIP, context_length: int, pad_id: int):
+        super().__init__()
+        self.model, self.context_length, self.pad_id = model, context_length, pad_id
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        ids = fixed_length(input_ids, self.context_length, self.pad_id)
+        return SimpleNamespace(pooler_output=self.model.encode_text(ids))
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, **_):
+        image = self.model.encode_image(pixel_values, normalize=True)
+        text = F.normalize(self.get_text_features(input_ids).pooler_output, dim=-1)
+        return SimpleNamespace(
+            image_embeds=image, text_embeds=text, expert_index=torch.zeros(len(image), dtype=torch.long)
+        )
+
+
+def train(args, model, processor, tokenizer) -> dict:
+    options = data_module.DataOptions.from_args(args)
+    stream, image_column, text_column = data_module.open_stream(options, "train")
+    prepared = data_module.prepare_stream(
+        stream, image_column=image_column, shuffle_seed=args.seed, shuffle_buffer=args.shuffle_buffer
+    )
+    prepare = data_module.RowPreparer(processor, [], image_column, text_column, None)
+    batches = data_module.BatchStream(
+        prepared, prepare, data_module.BatchCollator(processor, args.max_length), args.per_device_train_batch_size
+    )
+    loader = data_module.make_dataloader(batches, args.num_workers)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
+    scheduler = get_scheduler("cosine", optimizer, args.warmup_steps, args.max_steps)
+    loss_function = ClipLoss()
+    log_path = args.output_dir / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)
+    start = time.monotonic()
+    deadline = start + 60 * args.max_train_minutes if args.max_train_minutes else math.inf
+    step, epoch, images, window_images, window_start = 0, 0, 0, 0, time.monotonic()
+    bar = tqdm(total=args.max_steps, desc="open_clip pretraining")
+    model.train()
+    while step < args.max_steps and time.monotonic() < deadline:
+        prepared.set_epoch(epoch)
+        for batch in loader:
+            if "pixel_values" not in batch:
+                continue
+            inputs = model_inputs(batch, torch.device("cpu"))
+            text = fixed_length(inputs["input_ids"], args.max_length, tokenizer.pad_token_id)
+            image_features, text_features, logit_scale = model(inputs["pixel_values"], text)
+            loss = loss_function(image_features, text_features, logit_scale)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # open_clip's training clamps the temperature at 100
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            images += len(text)
+            window_images += len(text)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % args.logging_steps == 0:
+                now = time.monotonic()
+                record = {"step": step, "loss": loss.item(), "images_per_s": window_images / (now - window_start)}
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                window_images, window_start = 0, now
+            if step >= args.max_steps or time.monotonic() >= deadline:
+                break
+        epoch += 1
+    bar.close()
+    return {"steps": step, "images_seen": images, "train_seconds": round(time.monotonic() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    processor = MedMoEProcessor(
+        image_processor=MedMoEImageProcessor(size={"height": args.image_size, "width": args.image_size}),
+        tokenizer=tokenizer,
+    )
+    model = build_model(args, tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"open_clip CLIP: {parameters / 1e6:.2f}M parameters, random init; data: {args.dataset_name}")
+    summary = {"system": "open_clip", "open_clip_version": open_clip.__version__, "parameters": parameters}
+    summary.update(train(args, model, processor, tokenizer))
+    save_file(model.state_dict(), str(args.output_dir / "model.safetensors"))
+    (args.output_dir / "open_clip_config.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+    if not args.skip_evaluation:
+        eval_argv = [
+            "--model", "open_clip", "--output_dir", str(args.output_dir / "eval"), "--tasks", EVAL_TASKS,
+            "--probe_columns", args.probe_columns, "--max_train_samples", str(args.max_train_samples),
+            "--dataset_name", args.dataset_name, "--device", "cpu",
+        ]  # fmt: skip
+        for flag in ("train_files", "eval_files", "eval_split"):
+            if getattr(args, flag):
+                eval_argv += [f"--{flag}", getattr(args, flag)]
+        eval_args = evaluation_module.parse_args(eval_argv)
+        wrapper = OpenClipForEvaluation(model, args.max_length, tokenizer.pad_token_id)
+        summary["evaluation"] = evaluation_module.evaluate_model(eval_args, wrapper, processor, expert_names=[])
+    (args.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"open_clip run: {args.output_dir} (run_summary.json, model.safetensors, eval/results.json)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Real-data benchmark: MedMoE (and its ablations) vs open_clip on realmed, each for the same wall-clock budget.
+
+    python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20
+
+Every system trains on the realmed train split (same rows, tokens, 128-px images, batch of 32, learning rate,
+schedule) for --minutes of training time on this machine, then is scored by training/evaluate.py on the eval split:
+image->text and text->image R@1/5/10 (pool: the eval split), zero-shot modality accuracy, routing purity vs
+modality, linear-probe accuracy on modality and on label. The schedule's length comes from a short calibration
+run per system (its images/s times the budget), so the cosine schedule ends as the budget does.
+
+Systems: medmoe (the `small` preset as training/pretrain.py runs it), single_expert, no_local_loss,
+router_text_teacher, expert_depth_3 (each changes one thing), and open_clip (random-init CLIP of about the same
+size, in a separate virtual environment this script creates with `open_clip_torch`; see
+benchmarks/open_clip_baseline.py). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints
+the table; a system that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not
+hold realmed, it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MEDMOE_SYSTEMS = {
+    "medmoe": [],
+    "single_expert": ["--num_experts", "1"],
+    "no_local_loss": ["--local_loss_weight", "0"],
+    "router_text_teacher": ["--router_input", "text_teacher"],
+    "expert_depth_3": ["--expert_depth", "3"],
+}
+SYSTEMS = (*MEDMOE_SYSTEMS, "open_clip")
+EVAL_TASKS = "zero_shot,retrieval,linear_probe,routing"
+TABLE_COLUMNS = (  # (heading, results.json metric)
+    ("i→t R@1", "retrieval/image_to_text_R@1"),
+    ("i→t R@5", "retrieval/image_to_text_R@5"),
+    ("i→t R@10", "retrieval/image_to_text_R@10"),
+    ("t→i R@1", "retrieval/text_to_image_R@1"),
+    ("t→i R@5", "retrieval/text_to_image_R@5"),
+    ("t→i R@10", "retrieval/text_to_image_R@10"),
+    ("zero-shot acc", "zero_shot/accuracy"),
+    ("routing purity", "routing/purity"),
+    ("probe modality", "linear_probe/accuracy_100%"),
+    ("probe label", "linear_probe_label/accuracy_100%"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/datasets/realmed", help="realmed folder")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per system")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark-realmed"))
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=48, help="report tokens (realmed's reports are short)")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
+    parser.add_argument("--open_clip_venv", type=Path, default=REPO / ".venv-open_clip")
+    parser.add_argument("--num_workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if "open_clip" in args.systems and not set(args.systems) & set(MEDMOE_SYSTEMS):
+        parser.error("open_clip reads the tokenizer a MedMoE run learns: include at least one MedMoE system")
+    return args
+
+
+def realmed_present(folder: Path) -> bool:
+    data = folder / "data"
+    return any(data.glob("train-*.parquet")) and any(data.glob("eval-*.parquet"))
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run a step with its output in `log` (and a clear failure naming the log)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as handle:
+        finished = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if finished.returncode != 0:
+        sys.exit(f"failed ({finished.returncode}): {' '.join(command)}\n  see {log}")
+
+
+def images_per_second(train_log: Path) -> float:
+    """Throughput after warm-up: the mean of the last two logging windows of a calibration run."""
+    records = [json.loads(line) for line in train_log.read_text().splitlines()]
+    recent = [record["images_per_s"] for record in records[-2:]]
+    return sum(recent) / len(recent)
+
+
+def schedule_steps(args, train_log: Path) -> int:
+    return max(args.calibration_steps, int(args.minutes * 60 * images_per_second(train_log) / args.batch_size))
+
+
+def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, minutes: float | None) -> list[str]:
+    command = [
+        sys.executable, "training/pretrain.py", "--dataset_name", str(args.data), "--preset", "small",
+        "--report_type_column", "modality", "--per_device_train_batch_size", str(args.batch_size),
+        "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
+        "--warmup_steps", str(max(1, max_steps // 10)), "--max_steps", str(max_steps), "--eval_steps", "0",
+        "--logging_steps", str(min(10, max(1, args.calibration_steps // 3))), "--report_to", "none",
+        "--num_workers", str(args.num_workers), "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+    return command + (["--max_train_minutes", str(minutes)] if minutes else [])
+
+
+def finished_record(args, name: str) -> dict | None:
+    """The record of a system that already ran in OUT (delete OUT/SYSTEM to run it again)."""
+    folder = args.output_dir / name
+    if not (folder / "eval" / "results.json").is_file() or not (folder / "scheduled_steps.txt").is_file():
+        return None
+    print(f"[{name}] reusing the finished run in {folder}")
+    summary = json.loads((folder / "run_summary.json").read_text())
+    metrics = json.loads((folder / "eval" / "results.json").read_text())["metrics"]
+    return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()))
+
+
+def run_medmoe(args, name: str) -> dict:
+    """Calibrate, train for the budget, evaluate; the run's summary with the evaluation's metrics."""
+    folder = args.output_dir / name
+    calibration = folder / "calibration"
+    print(f"[{name}] calibrating ({args.calibration_steps} steps) ...", flush=True)
+    run(
+        pretrain_command(args, calibration, MEDMOE_SYSTEMS[name], args.calibration_steps, None),
+        folder / "calibration.log",
+    )
+    steps = schedule_steps(args, calibration / "train_log.jsonl")
+    print(f"[{name}] training: {args.minutes} min budget, schedule of {steps} steps ... (log: {folder}/train.log)")
+    run(pretrain_command(args, folder, MEDMOE_SYSTEMS[name], steps, args.minutes), folder / "train.log")
+    print(f"[{name}] evaluating ...", flush=True)
+    evaluate = [
+        sys.executable, "training/evaluate.py", "--model", str(folder / "model"), "--dataset_name", str(args.data),
+        "--tasks", EVAL_TASKS, "--probe_columns", "modality,label", "--max_train_samples", "4000",
+        "--num_workers", str(args.num_workers), "--output_dir", str(folder / "eval"),
+    ]  # fmt: skip
+    run(evaluate, folder / "evaluate.log")
+    (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
+    return finished_record(args, name)
+
+
+def open_clip_python(args) -> Path:
+    """The separate environment's interpreter: a venv that sees this one's packages (torch, transformers) through
+    a .pth file and gets open_clip_torch installed into itself; created once."""
+    python = args.open_clip_venv / "bin" / "python"
+    if not python.exists():
+        print(f"[open_clip] creating {args.open_clip_venv} and installing open_clip_torch ...", flush=True)
+        venv.create(args.open_clip_venv, with_pip=True)
+        site_packages = subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+        parent = [path for path in sys.path if path.endswith("site-packages")]
+        Path(site_packages, "medmoe_parent_environment.pth").write_text("\n".join(parent) + "\n")
+    command = [str(python), "-m", "pip", "install", "--quiet", "open_clip_torch"]
+    check = [str(python), "-c", "import open_clip"]
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        run(command, args.output_dir / "open_clip" / "install.log")
+    return python
+
+
+def run_open_clip(args, tokenizer: Path) -> dict:
+    folder = args.output_dir / "open_clip"
+    python = open_clip_python(args)
+    common = [
+        str(python), "benchmarks/open_clip_baseline.py", "--dataset_name", str(args.data),
+        "--tokenizer", str(tokenizer), "--per_device_train_batch_size", str(args.batch_size),
+        "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
+        "--num_workers", str(args.num_workers),
+    ]  # fmt: skip
+    print(f"[open_clip] calibrating ({args.calibration_steps} steps) ...", flush=True)
+    calibration = [
+        "--output_dir", str(folder / "calibration"), "--max_steps", str(args.calibration_steps),
+        "--logging_steps", str(max(1, args.calibration_steps // 3)), "--skip_evaluation",
+    ]  # fmt: skip
+    run(common + calibration, folder / "calibration.log")
+    steps = schedule_steps(args, folder / "calibration" / "train_log.jsonl")
+    print(f"[open_clip] training + evaluating: {args.minutes} min budget, schedule of {steps} steps ...", flush=True)
+    training = [
+        "--output_dir", str(folder), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 10)),
+        "--max_train_minutes", str(args.minutes), "--logging_steps", str(min(10, max(1, args.calibration_steps // 3))),
+    ]  # fmt: skip
+    run(common + training, folder / "train.log")
+    (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
+    return finished_record(args, "open_clip")
+
+
+def record(name: str, summary: dict, metrics: dict, scheduled_steps: int) -> dict:
+    return {
+        "system": name,
+        "parameters": summary["parameters"],
+        "scheduled_steps": scheduled_steps,
+        "steps": summary["steps"],
+        "train_seconds": summary["train_seconds"],
+        "images_per_s": summary["images_seen"] / summary["train_seconds"],
+        "metrics": metrics,
+    }
+
+
+def markdown_table(rows: list[dict], minutes: float) -> str:
+    headings = ["system", "params", "budget", "steps", "images/s", *(heading for heading, _ in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for row in rows:
+        params = f"{row['parameters'] / 1e6:.2f}M"
+        cells = [row["system"], params, f"{minutes:g} min", str(row["steps"]), f"{row['images_per_s']:.1f}"]
+        for _, metric in TABLE_COLUMNS:
+            value = row["metrics"].get(metric)
+            cells.append("–" if value is None else f"{value:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if not realmed_present(args.data):
+        print(f"realmed not found at {args.data} (no data/train-*.parquet and data/eval-*.parquet); skipping.")
+        return []
+    args.data = args.data.resolve()
+    args.output_dir = args.output_dir.resolve()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.systems:
+        if name in MEDMOE_SYSTEMS:
+            rows.append(finished_record(args, name) or run_medmoe(args, name))
+    if "open_clip" in args.systems:
+        tokenizer = args.output_dir / next(name for name in args.systems if name in MEDMOE_SYSTEMS) / "tokenizer"
+        rows.append(finished_record(args, "open_clip") or run_open_clip(args, tokenizer))
+    table = markdown_table(rows, args.minutes)
+    (args.output_dir / "summary.json").write_text(json.dumps({"minutes": args.minutes, "systems": rows}, indent=2))
+    (args.output_dir / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nResults: {args.output_dir}/summary.json and table.md; each system's runs and logs in {args.output_dir}/")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
