@@ -8,9 +8,10 @@ image->text and text->image R@1/5/10 (pool: the eval split), zero-shot modality 
 modality, linear-probe accuracy on modality and on label. The schedule's length comes from a short calibration
 run per system (its images/s times the budget), so the cosine schedule ends as the budget does.
 
-Systems: medmoe (the `small` preset as training/pretrain.py runs it), single_expert, no_local_loss,
-router_text_teacher, expert_depth_3 (each changes one thing), and open_clip (random-init CLIP of about the same
-size, in a separate virtual environment this script creates with `open_clip_torch`; see
+Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), single_expert,
+local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3 (each changes one thing), and open_clip
+(random-init CLIP of about the same size, in a separate virtual environment this script creates with
+`open_clip_torch`; see
 benchmarks/open_clip_baseline.py). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints
 the table; a system that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not
 hold realmed, it says so and exits 0.
@@ -30,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 MEDMOE_SYSTEMS = {
     "medmoe": [],
     "single_expert": ["--num_experts", "1"],
-    "no_local_loss": ["--local_loss_weight", "0"],
+    "local_loss_on": ["--local_loss_weight", "1"],
+    "local_loss_0.25": ["--local_loss_weight", "0.25"],
     "router_text_teacher": ["--router_input", "text_teacher"],
     "expert_depth_3": ["--expert_depth", "3"],
 }

@@ -1,42 +1,100 @@
-"""MedMoE image processor: medical images as they come (PIL, 8/16-bit or float arrays, tensors) -> pixel_values."""
+"""MedMoE image processor: medical images as they come (DICOM, PIL, 8/16-bit or float arrays, tensors) -> pixel_values.
+
+Imports only torch and transformers: PIL images and numpy arrays are read through their buffers, Pillow is
+imported to open an image file path, pydicom (optional) when a DICOM arrives.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .dicom import DicomPixels, is_dicom_dataset, is_dicom_file, read_dicom
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACCEPTED_INPUTS = (
-    "a PIL image, a numpy array or torch tensor shaped HxW, HxWxC or CxHxW with C in (1, 3, 4), or a list of these"
+    "a PIL image, a numpy array or torch tensor shaped HxW, HxWxC or CxHxW with C in (1, 3, 4), a pydicom Dataset, "
+    "an image or DICOM file path, or a list of these"
 )
+WINDOW_PRESETS = {  # (centre, width) in Hounsfield units: the usual CT display windows
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+}
+PIL_RAW_MODES = {"I;16": torch.int16, "I": torch.int32, "F": torch.float32}  # 16-bit read as int32 below
 
 
-def percentile_normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
+def resolve_window(window: str | Sequence[float] | None) -> tuple[float, float] | None:
+    """A preset name (WINDOW_PRESETS) or (centre, width) -> (centre, width); None stays None."""
+    if window is None:
+        return None
+    if isinstance(window, str):
+        if window not in WINDOW_PRESETS:
+            raise ValueError(f"Unknown window {window!r}; use one of {sorted(WINDOW_PRESETS)} or (centre, width).")
+        return WINDOW_PRESETS[window]
+    centre, width = (float(value) for value in window)
+    if width <= 0:
+        raise ValueError(f"The window width must be positive, got {width}.")
+    return centre, width
+
+
+def apply_window(values: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """Linear window: centre - width/2 -> 0, centre + width/2 -> 1, clipped."""
+    centre, width = window
+    return ((values.float() - (centre - width / 2)) / width).clamp(0.0, 1.0)
+
+
+def percentile_normalise(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Map the [low, high] percentiles of `values` to [0, 1], clipping outside; a constant image maps to 0."""
-    lower, upper = np.percentile(values, [low, high])
+    flat = values.reshape(-1).float()
+    lower, upper = (flat.kthvalue(1 + round(q / 100 * (flat.numel() - 1))).values for q in (low, high))
     if upper <= lower:
-        return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - lower) / (upper - lower), 0.0, 1.0).astype(np.float32)
+        return torch.zeros_like(values, dtype=torch.float32)
+    return ((values.float() - lower) / (upper - lower)).clamp(0.0, 1.0)
+
+
+def is_pil_image(image) -> bool:
+    return type(image).__module__.startswith("PIL.") and hasattr(image, "getbands")
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """PIL image -> [H, W, C] tensor: 8-bit modes as uint8 (palette, CMYK, LA, 1-bit, ... via RGB or L), 16-bit,
+    32-bit integer and float modes with their values."""
+    if image.mode in ("I;16B", "I;16L", "I;16N"):
+        image = image.convert("I")
+    if image.mode in PIL_RAW_MODES:
+        raw = torch.frombuffer(bytearray(image.tobytes()), dtype=PIL_RAW_MODES[image.mode])
+        values = raw.to(torch.int32) & 0xFFFF if image.mode == "I;16" else raw  # I;16 is unsigned
+        return values.reshape(image.height, image.width, 1)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("L" if image.mode in ("LA", "1", "La") else "RGB")
+    channels = len(image.getbands())
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, channels)
 
 
 class MedMoEImageProcessor(BaseImageProcessor):
     """Turns images into `pixel_values` [batch, 3, height, width] for `MedMoEModel`.
 
-    Steps: convert to float in [0, 1] (uint8 / 255; other integer and float data by percentile window unless
-    already in [0, 1]); grayscale to 3 channels, alpha dropped; resize the shorter side to fit, then center crop
-    to `size`; normalise with `image_mean` / `image_std`.
+    Steps: convert to float in [0, 1]: uint8 / 255; DICOM through its modality LUT (rescale slope/intercept),
+    then `window` if given, else the file's VOI LUT or window centre/width, else the percentile window, and
+    MONOCHROME1 inverted; other integer and float data through `window` if given, else unchanged when already in
+    [0, 1], else the percentile window. Then grayscale to 3 channels, alpha dropped; resize the shorter side to
+    fit, center crop to `size`; normalise with `image_mean` / `image_std`.
 
     Args:
         size: {"height": h, "width": w} of the output.
         image_mean, image_std: per-channel normalisation.
-        percentiles: (low, high) percentiles mapped to 0 and 1 for data that is not 8-bit (16-bit, float, CT
-            numbers).
+        percentiles: (low, high) percentiles mapped to 0 and 1 for data that is not 8-bit and has no window.
+        window: None, a preset name (lung, mediastinum, bone, brain, abdomen: CT windows in Hounsfield units) or
+            (centre, width) in the data's units (after the DICOM modality LUT).
+        frame: the frame of a multi-frame DICOM (default: the middle one).
     """
 
     model_input_names = ["pixel_values"]
@@ -47,94 +105,137 @@ class MedMoEImageProcessor(BaseImageProcessor):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         percentiles: Sequence[float] = (0.5, 99.5),
+        window: str | Sequence[float] | None = None,
+        frame: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        resolve_window(window)  # fail early on a bad window
         self.size = dict(size or {"height": 224, "width": 224})
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.percentiles = list(percentiles)
+        self.window = window if window is None or isinstance(window, str) else list(window)
+        self.frame = frame
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        """images: one image or a list (see ACCEPTED_INPUTS). Returns BatchFeature with `pixel_values`."""
+    def preprocess(self, images, return_tensors: str | None = "pt", window=None, frame=None, **kwargs) -> BatchFeature:
+        """images: one image or a list (see ACCEPTED_INPUTS); `window` and `frame` override the processor's for this
+        call. Returns BatchFeature with `pixel_values`."""
         if kwargs:
             raise TypeError(f"MedMoEImageProcessor got unexpected arguments {sorted(kwargs)}.")
-        batch = [self.to_model_input(image) for image in self._as_list(images)]
-        pixel_values = torch.stack(batch)
         if return_tensors not in ("pt", None):
             raise ValueError(f"MedMoEImageProcessor returns torch tensors; got return_tensors={return_tensors!r}.")
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+        window = resolve_window(window if window is not None else self.window)
+        frame = frame if frame is not None else self.frame
+        batch = [self.to_model_input(image, window, frame) for image in self._as_list(images)]
+        return BatchFeature(data={"pixel_values": torch.stack(batch)}, tensor_type=return_tensors)
 
     def _as_list(self, images) -> list:
         if isinstance(images, (list, tuple)):
             if not images:
                 raise ValueError(f"Got an empty list of images; expected {ACCEPTED_INPUTS}.")
             return list(images)
-        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        if getattr(images, "ndim", None) == 4:
             return list(images)
         return [images]
 
-    def to_model_input(self, image) -> torch.Tensor:
+    def to_model_input(self, image, window: tuple[float, float] | None = None, frame: int | None = None):
         """One image -> normalised float tensor [3, height, width]."""
-        unit = self.to_unit_range(image)  # [channels, H, W] in [0, 1]
+        unit = self.to_unit_range(image, window, frame)  # [3, H, W] in [0, 1]
         resized = self.resize_and_crop(unit)
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (resized - mean) / std
 
-    def to_unit_range(self, image) -> torch.Tensor:
+    def to_unit_range(self, image, window: tuple[float, float] | None = None, frame: int | None = None):
         """One image -> float tensor [3, H, W] in [0, 1]."""
-        if isinstance(image, Image.Image):
-            array = self._pil_to_array(image)
-        elif isinstance(image, torch.Tensor):
-            array = self._channels_last(
-                image.detach().cpu().float().numpy() if image.is_floating_point() else image.detach().cpu().numpy()
-            )
-        elif isinstance(image, np.ndarray):
-            array = self._channels_last(image)
+        if isinstance(image, (str, os.PathLike)):
+            image = self._open(image, frame)
+        if is_dicom_dataset(image):
+            image = read_dicom(image, frame)
+        if isinstance(image, DicomPixels):
+            unit = self._dicom_to_unit(image, window)
         else:
-            raise ValueError(f"Cannot read an image of type {type(image).__name__}; expected {ACCEPTED_INPUTS}.")
-        unit = self._scale_to_unit(array)
+            unit = self._scale_to_unit(self._as_channels_last(image), window)
         channels = unit.shape[-1]
         if channels == 1:
-            unit = np.repeat(unit, 3, axis=-1)
+            unit = unit.expand(*unit.shape[:2], 3)
         elif channels == 4:
             unit = unit[..., :3]
-        return torch.from_numpy(np.ascontiguousarray(unit)).permute(2, 0, 1)
+        return unit.permute(2, 0, 1).contiguous()
 
-    def _pil_to_array(self, image: Image.Image) -> np.ndarray:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return np.asarray(image)[..., None]
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
-        array = np.asarray(image)
-        return array[..., None] if array.ndim == 2 else array
+    def _open(self, path: str | os.PathLike, frame: int | None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No image file at {path}.")
+        if is_dicom_file(path):
+            return read_dicom(path, frame)
+        from PIL import Image  # Pillow comes with transformers' vision extra; imported only for image files
 
-    def _channels_last(self, array: np.ndarray) -> np.ndarray:
-        """HxW, HxWxC or CxHxW (C in 1, 3, 4) -> HxWxC."""
-        if array.ndim == 2:
-            return array[..., None]
-        if array.ndim == 3:
-            if array.shape[-1] in (1, 3, 4):
-                return array
-            if array.shape[0] in (1, 3, 4):
-                return np.moveaxis(array, 0, -1)
-        raise ValueError(f"Cannot read an image array of shape {tuple(array.shape)}; expected {ACCEPTED_INPUTS}.")
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
 
-    def _scale_to_unit(self, array: np.ndarray) -> np.ndarray:
-        if array.size == 0 or min(array.shape[:2]) == 0:
-            raise ValueError(f"Got an empty image of shape {tuple(array.shape)}; expected {ACCEPTED_INPUTS}.")
-        if array.dtype == np.uint8:
-            return array.astype(np.float32) / 255.0
-        if array.dtype == np.bool_:
-            return array.astype(np.float32)
-        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-            raise ValueError(f"Cannot read image data of dtype {array.dtype}; expected integer or float pixels.")
-        if not np.isfinite(array).all():
+    def _as_channels_last(self, image) -> torch.Tensor:
+        """PIL image, array or tensor -> [H, W, C]; HxW, HxWxC and CxHxW (C in 1, 3, 4) accepted."""
+        if is_pil_image(image):
+            return pil_to_tensor(image)
+        if isinstance(image, torch.Tensor):
+            tensor = image.detach().cpu()
+        elif hasattr(image, "__array_interface__"):  # a numpy array, read without importing numpy here
+            try:
+                tensor = torch.as_tensor(image)
+            except TypeError as error:
+                raise ValueError(
+                    f"Cannot read image data of dtype {image.dtype}; expected integer or float pixels."
+                ) from error
+        else:
+            raise ValueError(f"Cannot read an image of type {type(image).__name__}; expected {ACCEPTED_INPUTS}.")
+        if tensor.ndim == 2:
+            return tensor[..., None]
+        if tensor.ndim == 3:
+            if tensor.shape[-1] in (1, 3, 4):
+                return tensor
+            if tensor.shape[0] in (1, 3, 4):
+                return tensor.permute(1, 2, 0)
+        raise ValueError(f"Cannot read an image array of shape {tuple(tensor.shape)}; expected {ACCEPTED_INPUTS}.")
+
+    def _check(self, values: torch.Tensor) -> None:
+        if values.numel() == 0 or min(values.shape[:2]) == 0:
+            raise ValueError(f"Got an empty image of shape {tuple(values.shape)}; expected {ACCEPTED_INPUTS}.")
+        if values.is_complex():
+            raise ValueError(f"Cannot read image data of dtype {values.dtype}; expected integer or float pixels.")
+        if values.is_floating_point() and not torch.isfinite(values).all():
             raise ValueError("The image contains NaN or infinite values.")
-        if np.issubdtype(array.dtype, np.floating) and array.min() >= 0.0 and array.max() <= 1.0:
-            return array.astype(np.float32)
-        return percentile_normalise(array, *self.percentiles)
+
+    def _scale_to_unit(self, values: torch.Tensor, window: tuple[float, float] | None) -> torch.Tensor:
+        """[H, W, C] of any dtype -> float32 in [0, 1]."""
+        self._check(values)
+        if values.dtype == torch.uint8:
+            return values.float() / 255.0
+        if values.dtype == torch.bool:
+            return values.float()
+        if values.dtype == torch.uint16:  # torch has few uint16 kernels
+            values = values.to(torch.int32)
+        if window is not None:
+            return apply_window(values, window)
+        if values.is_floating_point() and values.min() >= 0.0 and values.max() <= 1.0:
+            return values.float()
+        return percentile_normalise(values, *self.percentiles)
+
+    def _dicom_to_unit(self, pixels: DicomPixels, window: tuple[float, float] | None) -> torch.Tensor:
+        """DicomPixels -> [H, W, C] in [0, 1]: the explicit window, else the file's VOI LUT or window."""
+        if pixels.color:
+            return self._scale_to_unit(pixels.values, window)
+        self._check(pixels.values)
+        if window is not None:
+            unit = apply_window(pixels.values, window)
+        elif pixels.voi_lut_unit is not None:
+            unit = pixels.voi_lut_unit.clamp(0.0, 1.0)
+        elif pixels.window is not None:
+            unit = apply_window(pixels.values, pixels.window)
+        else:
+            unit = percentile_normalise(pixels.values, *self.percentiles)
+        return (1.0 - unit if pixels.inverted else unit)[..., None]
 
     def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
         """[3, H, W] -> [3, height, width]: scale so the image covers the target, then center crop."""

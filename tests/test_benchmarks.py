@@ -32,3 +32,97 @@ def test_the_loop_baseline_computes_the_same_loss_and_gradients():
     our_gradients = torch.autograd.grad(ours, (word_embeds, regions))
     torch.testing.assert_close(ours, loop, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(our_gradients, loop_gradients, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_realmed(tmp_path_factory):
+    """A folder laid out like realmed (data/train-*.parquet, data/eval-*.parquet) with phantom rows."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.synthetic import make_phantom
+
+    folder = tmp_path_factory.mktemp("tiny_realmed")
+    (folder / "data").mkdir()
+    rng = np.random.default_rng(0)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema(
+        [("image", image_type), ("text", pa.string()), ("modality", pa.string()), ("label", pa.string())]
+    )
+    for split, count in (("train", 48), ("eval", 24)):
+        rows = []
+        for _ in range(count):
+            phantom = make_phantom(rng, image_size=64)
+            buffer = io.BytesIO()
+            phantom["image"].save(buffer, format="PNG")
+            image = {"bytes": buffer.getvalue(), "path": None}
+            rows.append(
+                {"image": image, "text": phantom["text"], "modality": phantom["modality"], "label": phantom["finding"]}
+            )
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "data" / f"{split}-0000-of-0001.parquet")
+    return folder
+
+
+def test_realmed_benchmark_skips_cleanly_without_the_data(tmp_path):
+    script = str(ROOT / "benchmarks" / "realmed.py")
+    completed = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and "--minutes" in completed.stdout
+    completed = subprocess.run(
+        [sys.executable, script, "--data", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0 and "skipping" in completed.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_realmed, tmp_path):
+    import json
+
+    from benchmarks import realmed
+
+    args = realmed.parse_args(["--data", str(tiny_realmed), "--minutes", "2", "--output_dir", str(tmp_path)])
+    assert realmed.realmed_present(tiny_realmed) and not realmed.realmed_present(tmp_path)
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("\n".join(json.dumps({"images_per_s": speed}) for speed in (5.0, 30.0, 34.0)))
+    assert realmed.schedule_steps(args, log) == int(2 * 60 * 32 / 32)  # mean of the last two windows, batch 32
+    assert realmed.finished_record(args, "medmoe") is None
+    folder = tmp_path / "medmoe"
+    (folder / "eval").mkdir(parents=True)
+    summary = {"parameters": 2_800_000, "steps": 50, "train_seconds": 100.0, "images_seen": 1600}
+    (folder / "run_summary.json").write_text(json.dumps(summary))
+    (folder / "eval" / "results.json").write_text(json.dumps({"metrics": {"retrieval/image_to_text_R@10": 0.25}}))
+    (folder / "scheduled_steps.txt").write_text("60\n")
+    row = realmed.finished_record(args, "medmoe")
+    assert row["images_per_s"] == 16.0 and row["scheduled_steps"] == 60
+    table = realmed.markdown_table([row], args.minutes)
+    assert "| medmoe | 2.80M | 2 min | 50 | 16.0 | – | – | 0.250 |" in table
+
+
+def test_open_clip_baseline_trains_and_is_scored_by_the_evaluation_code(tiny_realmed, tokenizer, tmp_path):
+    """Runs where open_clip is importable: the benchmark's own environment (.venv-open_clip/bin/python -m pytest)."""
+    pytest.importorskip("open_clip")
+    import json
+
+    from benchmarks import open_clip_baseline
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    output_dir = tmp_path / "open_clip"
+    summary = open_clip_baseline.main(
+        [
+            "--dataset_name", str(tiny_realmed), "--tokenizer", str(tmp_path / "tokenizer"), "--image_size", "64",
+            "--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--num_workers", "0",
+            "--max_train_samples", "48", "--output_dir", str(output_dir),
+        ]
+    )  # fmt: skip
+    assert summary["steps"] == 3 and summary["images_seen"] == 24
+    assert len((output_dir / "train_log.jsonl").read_text().splitlines()) == 3
+    metrics = json.loads((output_dir / "eval" / "results.json").read_text())["metrics"]
+    for name in ("zero_shot/accuracy", "retrieval/text_to_image_R@10", "linear_probe/accuracy_100%"):
+        assert 0 <= metrics[name] <= 1, name
+    assert "linear_probe_label/accuracy_100%" in metrics
+    assert (output_dir / "model.safetensors").is_file()

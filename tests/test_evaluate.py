@@ -118,3 +118,16 @@ def test_templates_file_and_a_missing_label_column(model_folder, tmp_path):
                 *TINY,
             ]
         )
+
+
+def test_the_probe_classifies_every_probe_column(model_folder, tmp_path):
+    result = evaluate_script.main(
+        [
+            "--model", str(model_folder), "--output_dir", str(tmp_path), "--tasks", "linear_probe",
+            "--probe_columns", "modality,finding", "--probe_min_class_rows", "2", *TINY,
+        ]
+    )  # fmt: skip
+    assert {"linear_probe/accuracy_100%", "linear_probe_finding/accuracy_100%"} <= set(result["metrics"])
+    details = result["details"]["linear_probe_finding"]
+    assert details["column"] == "finding" and details["eval_rows"] + details["eval_rows_left_out"] == 24
+    assert details["classes"] > 6

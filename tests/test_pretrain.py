@@ -73,6 +73,7 @@ def test_short_run_saves_a_complete_model_folder(short_run):
         "configuration_medmoe.py",
         "processing_medmoe.py",
         "image_processing_medmoe.py",
+        "dicom.py",
         "processor_config.json",
         "tokenizer.json",
         "README.md",
@@ -95,6 +96,29 @@ def test_the_upload_folder_loads_in_a_fresh_offline_process(short_run, tmp_path)
     images = [Image.new("L", (80, 80), color) for color in (20, 200)]
     result = load_in_fresh_process(output_dir / "model", images, ["Axial CT.", "Chest X-ray."], ["ct", "mri"], tmp_path)
     assert len(result["logits_per_image"]) == 2 and len(result["pipeline"]) == 2
+
+
+def test_checkpoints_load_without_unpickling(short_run):
+    """Every checkpoint file is safetensors, JSON, or loads with torch.load(weights_only=True) (accelerate's loader,
+    which allows numpy's RNG state); nothing is registered for accelerate's pickled custom checkpoints."""
+    import torch
+    from accelerate.utils import load as accelerate_load
+    from safetensors.torch import load_file
+
+    output_dir, _ = short_run
+    checkpoint = output_dir / "checkpoints" / "step_6"
+    names = sorted(path.name for path in checkpoint.iterdir())
+    assert "model.safetensors" in names and "training_progress.json" in names
+    assert not [name for name in names if name.startswith("custom_checkpoint")], names
+    for path in checkpoint.iterdir():
+        if path.suffix == ".safetensors":
+            assert load_file(path)
+        elif path.suffix == ".json":
+            assert json.loads(path.read_text())["step"] == 6
+        else:
+            assert accelerate_load(path, map_location="cpu", weights_only=True) is not None, path.name
+            if path.suffix == ".bin":
+                assert torch.load(path, map_location="cpu", weights_only=True) is not None, path.name
 
 
 def test_resume_continues_exactly(short_run, tmp_path):
@@ -178,11 +202,14 @@ def test_upload_without_network_keeps_the_model_and_never_shows_the_token(tmp_pa
             "--push_to_hub",
             "--hub_model_id",
             "someone/medmoe-test",
+            "--checkpointing_steps",
+            "1",
             *FAST,
         ],
         check=False,
         extra_environment={"HF_TOKEN": FAKE_TOKEN},
     )
+    assert (output_dir / "checkpoints" / "step_2" / "training_progress.json").is_file()
     assert completed.returncode == 1
     assert "Could not upload" in completed.stderr and "nothing was lost" in completed.stderr
     assert (output_dir / "model" / "model.safetensors").is_file()

@@ -65,7 +65,7 @@ def test_normalisation_uses_mean_and_std():
 @pytest.mark.parametrize(
     "bad_input, message",
     [
-        ("image.png", "Cannot read an image of type str"),
+        (3.5, "Cannot read an image of type float"),
         (np.zeros((5, 5, 2)), "shape"),
         (np.zeros((2, 3, 4, 4, 4)), "shape"),
         (np.zeros((0, 5)), "empty image"),

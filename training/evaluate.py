@@ -208,6 +208,9 @@ def linear_probe(evaluation: Evaluation, embedded: EmbeddedSet) -> None:
         frequent = np.flatnonzero(rows_per_class >= evaluation.args.probe_min_class_rows)
         keep_train, keep_eval = np.isin(train_labels, frequent), np.isin(eval_labels, frequent)
         prefix = "linear_probe" if column == evaluation.args.label_column else f"linear_probe_{column}"
+        if len(frequent) < 2 or not keep_eval.any():
+            print(f"linear probe on {column!r}: fewer than 2 classes with enough train rows, or no eval rows; skipped")
+            continue
         accuracies = {}
         for fraction in PROBE_FRACTIONS:
             chosen = subsample_per_class(train_labels[keep_train], fraction, generator)

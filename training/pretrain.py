@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--router_input", choices=["image", "text", "text_teacher"], help="override the preset's router")
     model.add_argument("--num_experts", type=int, help="number of experts (1 = no mixture)")
     model.add_argument("--local_loss_weight", type=float, help="weight of the local loss (0 = global loss only)")
+    model.add_argument("--router_loss_weight", type=float, help="weight of the router's cross-entropy")
     model.add_argument("--expert_depth", type=int, help="1 = 1x1 projections (paper Table 3); >1 adds conv blocks")
     model.add_argument("--tokenizer", help="use this tokenizer (folder or Hub id) instead of learning one")
     model.add_argument(
@@ -114,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace, vocab_size: int, text_config=None) -> MedMoEConfig:
     overrides = {
         key: getattr(args, key)
-        for key in ("router_input", "num_experts", "local_loss_weight")
+        for key in ("router_input", "num_experts", "local_loss_weight", "router_loss_weight")
         if getattr(args, key) is not None
     }
     config = MedMoEConfig.from_preset(args.preset, **overrides)
