@@ -301,3 +301,13 @@ def test_pretraining_on_parquet_files_without_eval_files(tmp_path):
     )
     assert "No held-out evaluation" in completed.stdout and "text column 'caption'" in completed.stdout
     assert (output_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_wall_clock_budget_stops_training_and_still_saves_everything(tmp_path):
+    output_dir = tmp_path / "budget"
+    arguments = ["--max_steps", "50", "--max_train_minutes", "0.0001", "--router_loss_weight", "2"]
+    completed = run_script([*arguments, "--output_dir", str(output_dir), *FAST])
+    summary = json.loads((output_dir / "run_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["train_seconds"] > 0 and summary["parameters"] > 1e6
+    assert json.loads((output_dir / "model" / "config.json").read_text())["router_loss_weight"] == 2
+    assert "routing purity" in completed.stdout, "the final evaluation still runs"
