@@ -100,13 +100,18 @@ def schedule_steps(args, train_log: Path) -> int:
     return max(args.calibration_steps, int(args.minutes * 60 * images_per_second(train_log) / args.batch_size))
 
 
+def logging_steps(args) -> int:
+    """Steps per logged images/s window: three windows in a calibration run, at most 10 steps."""
+    return min(10, max(1, args.calibration_steps // 3))
+
+
 def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, minutes: float | None) -> list[str]:
     command = [
         sys.executable, "training/pretrain.py", "--dataset_name", str(args.data), "--preset", "small",
         "--report_type_column", "modality", "--per_device_train_batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
         "--warmup_steps", str(max(1, max_steps // 10)), "--max_steps", str(max_steps), "--eval_steps", "0",
-        "--logging_steps", str(min(10, max(1, args.calibration_steps // 3))), "--report_to", "none",
+        "--logging_steps", str(logging_steps(args)), "--report_to", "none",
         "--num_workers", str(args.num_workers), "--output_dir", str(output_dir), *extra,
     ]  # fmt: skip
     return command + (["--max_train_minutes", str(minutes)] if minutes else [])
@@ -117,10 +122,18 @@ def finished_record(args, name: str) -> dict | None:
     folder = args.output_dir / name
     if not (folder / "eval" / "results.json").is_file() or not (folder / "scheduled_steps.txt").is_file():
         return None
-    print(f"[{name}] reusing the finished run in {folder}")
     summary = json.loads((folder / "run_summary.json").read_text())
     metrics = json.loads((folder / "eval" / "results.json").read_text())["metrics"]
     return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()))
+
+
+def finished_or_run(args, name: str, run_system) -> dict:
+    """The system's finished record if OUT has one, else `run_system()`."""
+    row = finished_record(args, name)
+    if row is None:
+        return run_system()
+    print(f"[{name}] reusing the finished run in {args.output_dir / name}")
+    return row
 
 
 def run_medmoe(args, name: str) -> dict:
@@ -177,14 +190,14 @@ def run_open_clip(args, tokenizer: Path) -> dict:
     print(f"[open_clip] calibrating ({args.calibration_steps} steps) ...", flush=True)
     calibration = [
         "--output_dir", str(folder / "calibration"), "--max_steps", str(args.calibration_steps),
-        "--logging_steps", str(max(1, args.calibration_steps // 3)), "--skip_evaluation",
+        "--logging_steps", str(logging_steps(args)), "--skip_evaluation",
     ]  # fmt: skip
     run(common + calibration, folder / "calibration.log")
     steps = schedule_steps(args, folder / "calibration" / "train_log.jsonl")
     print(f"[open_clip] training + evaluating: {args.minutes} min budget, schedule of {steps} steps ...", flush=True)
     training = [
         "--output_dir", str(folder), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 10)),
-        "--max_train_minutes", str(args.minutes), "--logging_steps", str(min(10, max(1, args.calibration_steps // 3))),
+        "--max_train_minutes", str(args.minutes), "--logging_steps", str(logging_steps(args)),
     ]  # fmt: skip
     run(common + training, folder / "train.log")
     (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
@@ -224,13 +237,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.data = args.data.resolve()
     args.output_dir = args.output_dir.resolve()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.systems:
-        if name in MEDMOE_SYSTEMS:
-            rows.append(finished_record(args, name) or run_medmoe(args, name))
+    medmoe_systems = [name for name in args.systems if name in MEDMOE_SYSTEMS]
+    rows = [finished_or_run(args, name, lambda name=name: run_medmoe(args, name)) for name in medmoe_systems]
     if "open_clip" in args.systems:
-        tokenizer = args.output_dir / next(name for name in args.systems if name in MEDMOE_SYSTEMS) / "tokenizer"
-        rows.append(finished_record(args, "open_clip") or run_open_clip(args, tokenizer))
+        tokenizer = args.output_dir / medmoe_systems[0] / "tokenizer"
+        rows.append(finished_or_run(args, "open_clip", lambda: run_open_clip(args, tokenizer)))
     table = markdown_table(rows, args.minutes)
     (args.output_dir / "summary.json").write_text(json.dumps({"minutes": args.minutes, "systems": rows}, indent=2))
     (args.output_dir / "table.md").write_text(table + "\n")
