@@ -30,6 +30,20 @@ from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES
         ("Retinal photograph with flame haemorrhages.", "fundus"),
         ("Chest radiograph; compare with the prior CT of 2019.", "X-ray"),
         ("CT shows the mass seen on the earlier radiograph.", "CT"),
+        ("MRCP shows a dilated common bile duct.", "MRI"),
+        ("Sagittal fast spin-echo image of the knee: meniscal tear.", "MRI"),
+        ("Gradient echo sequence shows blooming in the basal ganglia.", "MRI"),
+        ("Gradient-recalled echo image with susceptibility artefact.", "MRI"),
+        ("Echo time and repetition time were standard.", "MRI"),
+        ("Hemorrhage on the 2nd echo of the T2 weighted series.", "MRI"),
+        ("Lateral radiograph: compression fracture of the T1 vertebra.", "X-ray"),
+        ("Wedge fracture at T2 on the lateral spine radiograph.", "X-ray"),
+        ("Lesion is hyperintense on T2 and hypointense on T1.", "MRI"),
+        ("CT of the abdomen: thickened gastric fundus wall.", "CT"),
+        ("Ultrasound of the uterus: fibroid at the uterine fundus.", "ultrasound"),
+        ("Chest Xay of a patient with fever.", "X-ray"),
+        ("Dermoscopic image of a melanocytic lesion.", "dermoscopy"),
+        ("Chest radiograph. Further evaluation with CT recommended.", "X-ray"),
     ],
 )
 def test_detects_modality_in_realistic_reports(report, modality):
@@ -45,6 +59,10 @@ def test_detects_modality_in_realistic_reports(report, modality):
         "Patient was admitted to the ICU for monitoring.",
         "Melanoma with atypical pigment network.",
         "",
+        "Mild wall thickening of the gastric fundus.",
+        "Uterine fundus measures 12 cm above the symphysis.",
+        "Fracture of the T1 vertebra after a fall.",
+        "Biopsy confirmed; histologically proven adenocarcinoma.",
     ],
 )
 def test_reports_naming_no_modality_are_unknown(report):
@@ -56,3 +74,20 @@ def test_index_follows_the_configured_expert_names():
     assert report_type_index("Axial CT of the chest.", DEFAULT_EXPERT_NAMES) == DEFAULT_EXPERT_NAMES.index("CT")
     assert report_type_index("Axial CT of the chest.", ["MRI", "ct"]) == 1
     assert report_type_index("Axial CT of the chest.", ["MRI", "X-ray"]) == UNKNOWN_REPORT_TYPE
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "Chest X-ray and CT images of a 36-year-old man with cough.",
+        "Multiple ultrasound and MRI images demonstrating the linguine sign.",
+        "CT: mixed density lesion. MRI: enhancing intra-axial component.",
+    ],
+)
+def test_reports_describing_two_modalities_abstain(report):
+    """Guessing one of two described modalities would teach the router a wrong label half the time."""
+    assert detect_modality(report) is None
+
+
+def test_a_report_type_outside_the_experts_is_unknown():
+    assert report_type_index("Dermoscopy of a pigmented lesion.", DEFAULT_EXPERT_NAMES) == UNKNOWN_REPORT_TYPE
