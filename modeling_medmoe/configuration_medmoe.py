@@ -81,9 +81,11 @@ class MedMoEConfig(PreTrainedConfig):
         projection_dim: width P of the shared image-text space (global and local embeddings).
         num_experts: K, the number of modality experts (1 = no mixture).
         expert_names: the report type each expert stands for; report-type labels index this list.
-        router_input: ``"image"`` routes on pooled backbone features; ``"text"`` routes on the report embedding
-            (needs a report at inference); ``"text_teacher"`` routes by the text router while training and distils
-            the image router to it, then routes by the image router at inference.
+        router_input: who chooses each image's expert while training: ``"image"`` the image router (pooled
+            backbone features); ``"text"`` the paired report's router, with the image router learning the report
+            type beside it; ``"text_teacher"`` the paired report's router, with the image router distilled to its
+            choices. Outside training the image router always chooses (no image's own report is known at
+            inference); pass ``expert_index`` to choose by hand.
         text_hidden_layers_to_sum: the text features are the sum of this many last hidden layers (GLoRIA: 4).
         logit_scale_init_value: initial log of the global contrastive logit scale (CLIP: log(1 / 0.07)).
         local_temperature_attention / local_temperature_word / local_temperature_logits: GLoRIA's temp1, temp2 and

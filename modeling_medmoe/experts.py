@@ -74,9 +74,12 @@ class MixtureOfModalityExperts(nn.Module):
     `sparse` (default): the batch is sorted by expert, each expert runs once on its group, and the outputs are put
     back in batch order, so each sample runs through its chosen expert only. `dense` runs every expert on every
     sample and keeps the chosen output (the authors' implementation; K times the head cost, kept for comparison).
-    The gate probability of the chosen expert multiplies the output as p / stop_gradient(p): the value is the
-    expert's output unchanged, and the router receives the gradient of a probability-weighted mixture (a
-    straight-through estimator).
+
+    The choice is an index, so no gradient reaches the router through the experts: the router learns from the
+    report-type cross-entropy (and the optional load-balancing loss) only. The authors scale the output by the
+    gate, p / stop_gradient(p); the global loss sees an L2-normalised embedding, blind to that scale, so its
+    gradient to the router was about 2e-6 at initialisation, and the scale overflowed to NaN when a forced
+    expert's probability underflowed.
     """
 
     def __init__(self, level_channels: list[int], num_experts: int, config: MedMoEVisionConfig):
@@ -85,20 +88,14 @@ class MixtureOfModalityExperts(nn.Module):
         self.dispatch = config.expert_dispatch
 
     def forward(
-        self,
-        levels: list[torch.Tensor],
-        expert_index: torch.Tensor,
-        gate_probability: torch.Tensor,
-        grid_size: tuple[int, int],
+        self, levels: list[torch.Tensor], expert_index: torch.Tensor, grid_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """levels: 4 maps [batch, C_l, H_l, W_l]; expert_index, gate_probability: [batch].
+        """levels: 4 maps [batch, C_l, H_l, W_l]; expert_index: [batch].
 
         Returns (local map [batch, D, h, w], scale attention [batch, levels, h, w]).
         """
         run = self.run_dense if self.dispatch == "dense" else self.run_sparse
-        local_map, scale_attention = run(levels, expert_index, grid_size)
-        straight_through = gate_probability / gate_probability.detach()
-        return local_map * straight_through.to(local_map.dtype)[:, None, None, None], scale_attention
+        return run(levels, expert_index, grid_size)
 
     def run_sparse(self, levels, expert_index, grid_size):
         order = torch.argsort(expert_index, stable=True)

@@ -144,17 +144,14 @@ class MedMoEPreTrainedModel(PreTrainedModel):
     ) -> ImageEncoding:
         """Image side. pixel_values [B, 3, H, W] -> `ImageEncoding`.
 
-        The expert is `expert_index` [B] when given (e.g. a known modality), otherwise the router's choice:
-        the image router, or the text router (`text_router_logits` [B, K]) when `router_input` says so.
+        The expert is `expert_index` [B] when given (e.g. a known modality), otherwise the router's choice (see
+        `routing_logits`; `text_router_logits` [B, K] are the paired reports' while training).
         """
         levels = self.vision_pyramid(pixel_values)
         router_logits = self.image_router(levels[-1].mean(dim=(2, 3)))
-        routing_logits = self._routing_logits(router_logits, text_router_logits)
-        gate_probabilities = routing_logits.float().softmax(dim=-1)
         if expert_index is None:
-            expert_index = gate_probabilities.argmax(dim=-1)
-        gate = gate_probabilities.gather(1, expert_index[:, None]).squeeze(1)
-        local_map, scale_attention = self.experts(levels, expert_index, gate, self.local_grid_size)
+            expert_index = self.routing_logits(router_logits, text_router_logits).argmax(dim=-1)
+        local_map, scale_attention = self.experts(levels, expert_index, self.local_grid_size)
         regions = local_map.flatten(2).transpose(1, 2)  # [B, h * w, D]
         return ImageEncoding(
             image_embeds=self.image_projection(regions.mean(dim=1)),
@@ -165,22 +162,19 @@ class MedMoEPreTrainedModel(PreTrainedModel):
             expert_index=expert_index,
         )
 
-    def _routing_logits(self, image_router_logits: torch.Tensor, text_router_logits: torch.Tensor | None):
-        """Which router decides: see `MedMoEConfig.router_input`."""
-        mode = self.config.router_input
-        if mode == "image" or (mode == "text_teacher" and not self.training):
+    def routing_logits(self, image_router_logits: torch.Tensor, text_router_logits: torch.Tensor | None):
+        """The logits the expert is chosen by: the image router's, except while training with `router_input`
+        "text" or "text_teacher" and one paired report per image, when the report's router decides.
+
+        Outside training the image router always decides: at inference nobody has an image's own report, and the
+        texts passed with images (zero-shot prompts, retrieval candidates) must not choose the images' experts.
+        """
+        if self.config.router_input == "image" or not self.training or text_router_logits is None:
             return image_router_logits
-        if text_router_logits is None:
-            if mode == "text_teacher":
-                return image_router_logits
-            raise ValueError(
-                "router_input='text' routes each image by its report: pass input_ids with the images (one report "
-                "per image), or an explicit expert_index."
-            )
         if text_router_logits.shape[0] != image_router_logits.shape[0]:
             raise ValueError(
-                f"router_input={mode!r} routes by the paired report, but got {image_router_logits.shape[0]} images "
-                f"and {text_router_logits.shape[0]} reports."
+                f"router_input={self.config.router_input!r} routes each training image by its paired report, but got "
+                f"{image_router_logits.shape[0]} images and {text_router_logits.shape[0]} reports."
             )
         return text_router_logits
 
@@ -356,21 +350,19 @@ class MedMoEModel(MedMoEPreTrainedModel):
             loss = loss + config.report_type_loss_weight * output.report_type_loss
             loss = loss + config.router_loss_weight * output.router_loss
         if config.load_balance_loss_weight > 0:
-            routing_logits = self._routing_logits(image.router_logits, text.text_router_logits)
+            routing_logits = self.routing_logits(image.router_logits, text.text_router_logits)
             output.load_balance_loss = load_balancing_loss(routing_logits.float(), image.expert_index)
             loss = loss + config.load_balance_loss_weight * output.load_balance_loss
         output.loss = loss
 
     def _router_loss(self, text: TextEncoding, image: ImageEncoding, report_type_labels: torch.Tensor):
-        """image: CE of the image router against the report type; text_teacher: CE of the image router against
-        the text router's choice (distillation); text: the text router is trained by the report-type loss."""
-        mode = self.config.router_input
-        if mode == "image":
-            return report_type_cross_entropy(image.router_logits, report_type_labels)
-        if mode == "text_teacher":
+        """The image router's cross-entropy: against the report type ("image" and "text"; with "text" the image
+        router routes whatever has no paired report, e.g. every image at inference), or against the text router's
+        choice ("text_teacher": distillation, which also covers reports of unknown type)."""
+        if self.config.router_input == "text_teacher":
             teacher_choice = text.text_router_logits.detach().argmax(dim=-1)
             return report_type_cross_entropy(image.router_logits, teacher_choice)
-        return image.router_logits.sum() * 0.0
+        return report_type_cross_entropy(image.router_logits, report_type_labels)
 
 
 @dataclass

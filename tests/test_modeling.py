@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from modeling_medmoe import MedMoEModel
+from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 
 
 def count_expert_calls(model):
@@ -61,21 +62,52 @@ def test_dispatch_keeps_each_sample_with_its_own_expert(model, batch):
         torch.testing.assert_close(mixed[row], alone.pooler_output[0], atol=1e-5, rtol=1e-4)
 
 
-def test_router_gets_gradient_from_the_contrastive_loss(model, batch):
-    model.config.router_loss_weight = 0.0
-    model.config.report_type_loss_weight = 0.0
-    out = model(**batch, return_loss=True)
+def router_gradients(model, batch, **weights) -> list[torch.Tensor]:
+    """The image and text routers' gradients after one backward pass with these config weights (eval mode: no
+    dropout, so passes differ only by the weights)."""
+    model.eval()
+    for name, value in weights.items():
+        setattr(model.config, name, value)
+    model.zero_grad()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
+    model(**batch, return_loss=True, report_type_labels=labels).loss.backward()
+    routers = (*model.image_router.parameters(), *model.text_router.parameters())
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in routers]
+
+
+def test_only_the_report_type_losses_train_the_routers(model, batch):
+    """The expert choice is an index: the contrastive losses (global and local) give the routers no gradient; the
+    report-type cross-entropies (text router) and the router loss (image router) do."""
+    silent = router_gradients(model, batch, router_loss_weight=0.0, report_type_loss_weight=0.0)
+    assert all(gradient.abs().sum() == 0 for gradient in silent)
+    trained = router_gradients(model, batch, router_loss_weight=1.0, report_type_loss_weight=1.0)
+    image_router, text_router = trained[:4], trained[4:]
+    assert all(gradient.abs().sum() > 0 for gradient in image_router + text_router)
+    # exactly the cross-entropies' gradients: switching the contrastive losses off changes nothing
+    alone = router_gradients(
+        model, batch, global_loss_weight=0.0, local_loss_weight=0.0, router_loss_weight=1.0, report_type_loss_weight=1.0
+    )
+    for with_contrastive, without in zip(trained, alone):
+        torch.testing.assert_close(with_contrastive, without)
+
+
+def test_forcing_an_expert_the_router_rules_out_stays_finite(model, batch):
+    """A router logit gap of 1000 underflows the forced expert's probability to 0; outputs and gradients stay
+    finite."""
+    route_to(model.image_router, 0, logit=1000.0)
+    out = model(**batch, expert_index=torch.full((8,), 3), return_loss=True)
+    assert out.expert_index.tolist() == [3] * 8
     out.loss.backward()
-    router_gradient = model.image_router[-1].weight.grad
-    assert router_gradient is not None and router_gradient.abs().sum() > 0
+    assert torch.isfinite(out.image_embeds).all() and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def route_to(router, expert):
+def route_to(router, expert, logit=10.0):
     """Make a router MLP choose `expert` whatever its (non-negative after ReLU) input."""
     with torch.no_grad():
         for parameter in router.parameters():
             parameter.zero_()
-        router[-1].bias[expert] = 10.0
+        router[-1].bias[expert] = logit
 
 
 @pytest.mark.parametrize(
@@ -84,7 +116,7 @@ def route_to(router, expert):
         ("image", True, 1),
         ("image", False, 1),
         ("text", True, 4),
-        ("text", False, 4),
+        ("text", False, 1),
         ("text_teacher", True, 4),
         ("text_teacher", False, 1),
     ],
@@ -98,11 +130,36 @@ def test_routing_follows_the_configured_router(nano_config, batch, router_input,
     assert out.expert_index.tolist() == [expected] * 8
 
 
-def test_text_routing_without_a_report_says_what_to_pass(nano_config, batch):
+@pytest.mark.parametrize("router_input", ["text", "text_teacher"])
+def test_text_routed_configs_route_images_alone_by_the_image_router(nano_config, batch, router_input):
+    """No report at inference: images alone, images with prompts, and explicit experts all work."""
+    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": router_input})
+    model = MedMoEModel(config).eval()
+    route_to(model.image_router, 1)
+    route_to(model.text_router, 4)
+    assert model(pixel_values=batch["pixel_values"]).expert_index.tolist() == [1] * 8
+    prompts = {key: batch[key][:3] for key in ("input_ids", "attention_mask")}
+    assert model(pixel_values=batch["pixel_values"], **prompts).expert_index.tolist() == [1] * 8
+    forced = model.get_image_features(pixel_values=batch["pixel_values"], expert_index=torch.full((8,), 2))
+    alone = model.get_image_features(pixel_values=batch["pixel_values"][:1], expert_index=torch.tensor([2]))
+    torch.testing.assert_close(forced.pooler_output[:1], alone.pooler_output, atol=1e-5, rtol=1e-4)
+
+
+def test_text_routed_config_trains_the_image_router_on_the_report_type(nano_config, batch):
     config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text"})
-    model = MedMoEModel(config)
-    with pytest.raises(ValueError, match="routes each image by its report"):
-        model.get_image_features(pixel_values=batch["pixel_values"])
+    model = MedMoEModel(config).train()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
+    out = model(**batch, return_loss=True, report_type_labels=labels)
+    expected = F.cross_entropy(out.router_logits[:6].float(), labels[:6])
+    torch.testing.assert_close(out.router_loss, expected)
+
+
+def test_image_classifier_works_with_a_text_routed_config(nano_config, batch):
+    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text", "num_labels": 3})
+    model = MedMoEForImageClassification(config)
+    out = model(pixel_values=batch["pixel_values"], labels=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    out.loss.backward()
+    assert out.logits.shape == (8, 3) and model.image_router[0].weight.grad is None
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
