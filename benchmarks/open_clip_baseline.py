@@ -9,7 +9,7 @@ Run by benchmarks/realmed.py inside the separate open_clip virtual environment i
 The model is open_clip's `CLIP` built from a config with random initialisation (no download): a ViT image tower
 (patch 16) and a causal text transformer pooled at the [SEP] token, sized to MedMoE's `small` preset. Batches come
 from training/data.py with a MedMoE processor (the MedMoE run's tokenizer, padded to --max_length), the loss is
-open_clip's `ClipLoss`, the optimizer and schedule are pretrain.py's. Evaluation is training/evaluate.py's
+open_clip's `ClipLoss`, the optimizer and schedule are pretrain.py's. Evaluation is training/run_evaluation.py's
 `evaluate_model` on a wrapper with MedMoE's interface. Writes OUT/train_log.jsonl, OUT/run_summary.json,
 OUT/model.safetensors + OUT/open_clip_config.json and OUT/eval/results.json.
 """
@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, get_scheduler  # noqa: E402
 
 from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
 from training import data as data_module  # noqa: E402
-from training import evaluate as evaluation_module  # noqa: E402
+from training import run_evaluation as evaluation_module  # noqa: E402
 from training.embedding import model_inputs  # noqa: E402
 from training.pretrain import parameter_groups  # noqa: E402
 
@@ -102,7 +102,7 @@ def fixed_length(input_ids: torch.Tensor, length: int, pad_id: int) -> torch.Ten
 
 
 class OpenClipForEvaluation(torch.nn.Module):
-    """An open_clip model behind the interface training/evaluate.py scores (see `Evaluation`); one 'expert'."""
+    """An open_clip model behind the interface training/run_evaluation.py scores (see `Evaluation`); one 'expert'."""
 
     def __init__(self, model: open_clip.CLIP, context_length: int, pad_id: int):
         super().__init__()
@@ -112,12 +112,18 @@ class OpenClipForEvaluation(torch.nn.Module):
         ids = fixed_length(input_ids, self.context_length, self.pad_id)
         return SimpleNamespace(pooler_output=self.model.encode_text(ids))
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, **_):
-        image = self.model.encode_image(pixel_values, normalize=True)
-        text = F.normalize(self.get_text_features(input_ids).pooler_output, dim=-1)
-        return SimpleNamespace(
-            image_embeds=image, text_embeds=text, expert_index=torch.zeros(len(image), dtype=torch.long)
-        )
+    def clamped_logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().clamp(max=100.0)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **_):
+        """Images and/or reports, as MedMoEModel: image_embeds and expert_index, text_embeds."""
+        out = SimpleNamespace(image_embeds=None, text_embeds=None, expert_index=None)
+        if pixel_values is not None:
+            out.image_embeds = self.model.encode_image(pixel_values, normalize=True)
+            out.expert_index = torch.zeros(len(pixel_values), dtype=torch.long)
+        if input_ids is not None:
+            out.text_embeds = F.normalize(self.get_text_features(input_ids).pooler_output, dim=-1)
+        return out
 
 
 def train(args, model, processor, tokenizer) -> dict:

@@ -19,8 +19,6 @@ from matplotlib import colormaps
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-PROMPT_TEMPLATE = "A medical image: {}."
-
 
 class Demo:
     """The model behind the demo; `predict` is the whole computation, free of any UI."""
@@ -31,18 +29,18 @@ class Demo:
 
     @torch.no_grad()
     def predict(self, image: Image.Image, labels_text: str) -> tuple[dict[str, float], str, Image.Image]:
-        """Scores per label (comma-separated, default: the expert names), the chosen expert, and the image with the
-        attention of the best label's prompt words over it."""
+        """Scores per label (comma-separated, default: the expert names) from the model's zero-shot methods, the
+        chosen expert, and the image with the attention of the best label's words over it."""
         labels = [label.strip() for label in labels_text.split(",") if label.strip()] or list(
             self.model.config.expert_names
         )
-        prompts = [PROMPT_TEMPLATE.format(label) for label in labels]
-        batch = self.processor(images=[image] * len(labels), text=prompts, padding=True, truncation=True)
-        out = self.model(**batch)
-        scores = out.logits_per_image[0].softmax(dim=-1)
+        image_out = self.model(**self.processor(images=[image]))
+        class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels)
+        scores = self.model.zero_shot_probabilities(image_out.image_embeds, class_embeds)[0]
         best = int(scores.argmax())
-        expert = self.model.config.expert_names[int(out.expert_index[0])]
-        word_attention = out.word_region_attention[best][out.word_mask[best]].mean(dim=0)  # [h, w]
+        expert = self.model.config.expert_names[int(image_out.expert_index[0])]
+        paired = self.model(**self.processor(images=[image], text=[labels[best]], padding=True, truncation=True))
+        word_attention = paired.word_region_attention[0][paired.word_mask[0]].mean(dim=0)  # [h, w]
         return {label: float(score) for label, score in zip(labels, scores)}, expert, overlay(image, word_attention)
 
 

@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoProcessor
 if __package__ in (None, ""):  # `python model_card/generate.py` runs this file as a script
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from modeling_medmoe.zero_shot import DEFAULT_PROMPT_TEMPLATES  # noqa: E402
 from training.synthetic import make_phantom  # noqa: E402
 
 TEMPLATE = Path(__file__).with_name("template.md")
@@ -30,7 +31,6 @@ HANDLER = Path(__file__).with_name("handler.py")
 EXAMPLE_MODALITIES = ("X-ray", "CT", "fundus")
 EXAMPLE_SEED = 2025
 TAGS = ["medical", "mixture-of-experts", "clip", "custom_code", "vision-language", "zero-shot-image-classification"]
-PROMPT_TEMPLATE = "A medical image: {}."
 SYNTHETIC_NOTE = (
     "**Demonstration model.** It was pretrained on the built-in `synthetic` stream of procedural phantoms, so it "
     "shows the pipeline end to end but knows nothing about real medical images."
@@ -54,11 +54,10 @@ def write_examples(model_dir: Path, repo_id: str) -> list[dict]:
         phantom = make_phantom(np.random.default_rng(EXAMPLE_SEED + index), image_size=128, modality=modality)
         name = f"{modality.lower().replace('-', '')}.png"
         phantom["image"].save(examples_dir / name)
-        batch = processor(
-            images=[phantom["image"]], text=[PROMPT_TEMPLATE.format(label) for label in labels], padding=True
-        )
         with torch.no_grad():
-            scores = model(**batch).logits_per_image[0].softmax(dim=-1).tolist()
+            image_embeds = model.get_image_features(**processor(images=[phantom["image"]])).pooler_output
+            class_embeds = model.get_zero_shot_class_embeddings(processor.tokenizer, labels)
+            scores = model.zero_shot_probabilities(image_embeds, class_embeds)[0].tolist()
         hub_file = "/" in repo_id and not Path(repo_id).exists()
         widget.append(
             {
@@ -86,17 +85,24 @@ def read_json(path: str | Path | None) -> dict:
 
 
 def eval_results_for_card(results: dict) -> list[EvalResult]:
-    """`results["eval_results"]` entries (EvalResult fields, as training/evaluate.py writes them) -> EvalResult."""
+    """`results["eval_results"]` entries (EvalResult fields, as training/evaluation.py writes them) -> EvalResult."""
     return [EvalResult(**entry) for entry in results.get("eval_results", [])]
 
 
 def training_section(train_args: dict) -> str:
     if not train_args:
         return "No training arguments were recorded for this folder."
+    steps = train_args.get("steps_trained", train_args.get("max_steps"))
+    if "steps_trained" in train_args and train_args.get("stopped_by") == "max_train_minutes":
+        steps = (
+            f"{steps} (stopped by the {train_args.get('max_train_minutes')}-minute budget, "
+            f"{train_args.get('train_minutes')} minutes; the schedule was sized for {train_args.get('max_steps')})"
+        )
     shown = [
-        ("data", train_args.get("dataset_name") if not train_args.get("train_files") else train_args["train_files"]),
+        ("data", train_args.get("dataset_name")),
         ("preset", train_args.get("preset")),
-        ("steps", train_args.get("max_steps")),
+        ("steps trained", steps),
+        ("images seen", train_args.get("images_seen")),
         ("batch size per device", train_args.get("per_device_train_batch_size")),
         ("gradient accumulation", train_args.get("gradient_accumulation_steps")),
         ("processes", train_args.get("num_processes")),
@@ -124,21 +130,42 @@ def training_section(train_args: dict) -> str:
 
 
 def evaluation_section(results: dict) -> str:
+    """The figures with what they were measured on, as training/evaluation.py defines them."""
     metrics = results.get("metrics", {})
     if not metrics:
         return "No evaluation results were recorded for this folder."
     dataset = results.get("dataset", {})
+    details = results.get("details", {})
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()))
-    section = (
-        f"On `{dataset.get('name', '?')}` (split `{dataset.get('split', '?')}`, {results.get('num_samples', '?')} "
-        f"image-report pairs):\n\n| metric | value |\n|---|---|\n{rows}"
-    )
+    section = f"On `{dataset.get('name', '?')}`, split `{dataset.get('split', '?')}`"
+    retrieval = details.get("retrieval")
+    if retrieval:
+        section += (
+            f": the retrieval pool is the first {retrieval['pool_size']} rows of the split "
+            f"({retrieval['distinct_reports']} distinct reports; chance R@10 = {retrieval['chance_R@10']:.3f}). "
+            "Each image's true candidate is its own report; strict R@K breaks ties between identical reports at "
+            "random, text-match R@K counts any identical report as a hit"
+        )
+    else:
+        section += f", {results.get('num_samples', '?')} image-report pairs"
+    routing = details.get("routing")
+    if routing and "routing/purity" in metrics:
+        section += f". Routing is scored against the {routing['truth']}"
+    section += f".\n\n| metric | value |\n|---|---|\n{rows}"
     usage = results.get("expert_usage")
     if usage:
         section += "\n\nRouting (share of evaluation images per expert): " + ", ".join(
             f"{name} {share:.1%}" for name, share in usage.items()
         )
     return section
+
+
+def backbone_as_built(vision_config: dict) -> str:
+    """The timm architecture with the keyword arguments that change it, and the image size."""
+    name = vision_config.get("backbone", "timm")
+    changes = ", ".join(f"{key}={value}" for key, value in (vision_config.get("backbone_kwargs") or {}).items())
+    size = vision_config.get("image_size")
+    return f"`{name}`" + (f" ({changes})" if changes else "") + (f" at {size} px" if size else "")
 
 
 def build_card(
@@ -170,12 +197,12 @@ def build_card(
         repo_id=repo_id,
         num_experts=config.get("num_experts"),
         expert_names=", ".join(config.get("expert_names", [])),
-        backbone=vision_config.get("backbone", "timm"),
+        backbone=backbone_as_built(vision_config),
         provenance=SYNTHETIC_NOTE if dataset_name == "synthetic" and not train_args.get("train_files") else "",
         example_image=widget[0]["src"].split("/main/")[-1],
         example_labels=json.dumps(example_labels),
         example_report="Axial CT of the abdomen with a hypodense lesion in the liver.",
-        prompt_template=PROMPT_TEMPLATE,
+        prompt_template=DEFAULT_PROMPT_TEMPLATES[0],
         training_section=training_section(train_args),
         evaluation_section=evaluation_section(results),
         data_limitations=(
@@ -206,7 +233,7 @@ def write_model_card(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="saved MedMoE folder (config.json inside)")
-    parser.add_argument("--results", help="results.json from training/evaluate.py (or the pretraining run)")
+    parser.add_argument("--results", help="results.json from training/run_evaluation.py (or eval_results.json of a pretraining run)")
     parser.add_argument("--train_args", help="args.json written by training/pretrain.py")
     parser.add_argument("--repo_id", help="Hub id used in the card's snippets (default: hub_model_id or the folder)")
     args = parser.parse_args(argv)

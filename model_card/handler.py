@@ -3,7 +3,8 @@
 Requests (JSON):
     {"inputs": IMAGE, "parameters": {"candidate_labels": ["chest x-ray", "brain mri"],
                                      "hypothesis_template": "A medical image: {}."}}
-        -> [{"label": ..., "score": ...}, ...] sorted by score (zero-shot classification)
+        -> [{"label": ..., "score": ...}, ...] sorted by score (zero-shot classification; without
+           "hypothesis_template", the model's own prompt templates, averaged)
     {"inputs": IMAGE or [IMAGE, ...], "parameters": {"mode": "image-embedding"}}
         -> {"embeddings": [[...]], "experts": ["CT", ...]}
     {"inputs": "report text" or ["...", ...], "parameters": {"mode": "text-embedding"}}
@@ -24,7 +25,6 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoModel, AutoProcessor
 
 MODES = ("zero-shot", "image-embedding", "text-embedding")
-DEFAULT_TEMPLATE = "A medical image: {}."
 
 
 class BadRequest(ValueError):
@@ -80,16 +80,17 @@ class EndpointHandler:
             labels = [label.strip() for label in labels.split(",") if label.strip()]
         if not labels or not all(isinstance(label, str) for label in labels):
             raise BadRequest('Zero-shot needs "parameters": {"candidate_labels": [...]} with at least one label.')
-        template = parameters.get("hypothesis_template", DEFAULT_TEMPLATE)
-        if "{}" not in template:
+        template = parameters.get("hypothesis_template")
+        if template is not None and (not isinstance(template, str) or "{}" not in template):
             raise BadRequest('"hypothesis_template" must contain {} where the label goes.')
-        batch = self.processor(
-            images=[image],
-            text=[template.format(label) for label in labels],
-            padding=True,
-            truncation=True,
-        )
-        scores = self.model(**batch).logits_per_image[0].softmax(dim=-1).tolist()
+        pixel_values = self.processor(images=[image])["pixel_values"]
+        image_embeds = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        tokenizer = self.processor.tokenizer
+        if template is None:
+            class_embeds = self.model.get_zero_shot_class_embeddings(tokenizer, labels)
+        else:
+            class_embeds = self.model.get_zero_shot_class_embeddings(tokenizer, labels, [template])
+        scores = self.model.zero_shot_probabilities(image_embeds, class_embeds)[0].tolist()
         return sorted(
             ({"label": label, "score": score} for label, score in zip(labels, scores)), key=lambda x: -x["score"]
         )

@@ -5,8 +5,10 @@ from .image_processing_medmoe import MedMoEImageProcessor
 from .modeling_medmoe import MedMoEForImageClassification, MedMoEModel, MedMoEOutput, MedMoEPreTrainedModel
 from .processing_medmoe import MedMoEProcessor
 from .report_types import UNKNOWN_REPORT_TYPE, detect_modality, report_type_index
+from .zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings, zero_shot_probabilities
 
 __all__ = [
+    "DEFAULT_PROMPT_TEMPLATES",
     "PRESETS",
     "UNKNOWN_REPORT_TYPE",
     "MedMoEConfig",
@@ -19,4 +21,6 @@ __all__ = [
     "MedMoEVisionConfig",
     "detect_modality",
     "report_type_index",
+    "zero_shot_class_embeddings",
+    "zero_shot_probabilities",
 ]

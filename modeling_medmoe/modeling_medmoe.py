@@ -28,6 +28,7 @@ from .losses import (
 )
 from .text import TextTower, merge_word_pieces
 from .vision import VisionPyramid
+from .zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings, zero_shot_probabilities
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -252,6 +253,21 @@ class MedMoEModel(MedMoEPreTrainedModel):
         text = self.encode_text(input_ids, attention_mask, token_type_ids)
         return BaseModelOutputWithPooling(last_hidden_state=text.token_features, pooler_output=text.text_embeds)
 
+    def get_zero_shot_class_embeddings(
+        self, tokenizer, class_names: list[str], templates: list[str] | tuple[str, ...] = DEFAULT_PROMPT_TEMPLATES
+    ) -> torch.Tensor:
+        """[C, P] normalised class embeddings from prompts (see `zero_shot.zero_shot_class_embeddings`)."""
+        return zero_shot_class_embeddings(self, tokenizer, class_names, templates)
+
+    def zero_shot_probabilities(self, image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+        """[N, C] class probabilities of images ([N, P], e.g. `get_image_features(...).pooler_output`) at this
+        model's logit scale, the scale `logits_per_image` uses."""
+        return zero_shot_probabilities(image_embeds, class_embeds, self.clamped_logit_scale().float())
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at MAX_LOGIT_SCALE (CLIP's cap)."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -296,7 +312,7 @@ class MedMoEModel(MedMoEPreTrainedModel):
             output.router_logits = image.router_logits
             output.expert_index = image.expert_index
         if text is not None and image is not None:
-            logit_scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            logit_scale = self.clamped_logit_scale()
             output.logits_per_text = logit_scale * output.text_embeds @ output.image_embeds.T
             output.logits_per_image = output.logits_per_text.T
             if text.word_embeds is not None:

@@ -1,12 +1,13 @@
-"""training/evaluate.py on a nano folder and the synthetic stream: every task, results files and pictures."""
+"""training/run_evaluation.py on a nano folder and the synthetic stream: every task, results files and pictures."""
 
 import json
 
 import pytest
+import torch
 from huggingface_hub import EvalResult
 from PIL import Image
 
-from training import evaluate as evaluate_script
+from training import run_evaluation as evaluate_script
 
 TINY = [
     "--max_samples",
@@ -131,3 +132,51 @@ def test_the_probe_classifies_every_probe_column(model_folder, tmp_path):
     details = result["details"]["linear_probe_finding"]
     assert details["column"] == "finding" and details["eval_rows"] + details["eval_rows_left_out"] == 24
     assert details["classes"] > 6
+
+
+def test_no_image_is_routed_or_embedded_by_its_own_report(nano_config, batch):
+    """A config that routes by the report while training: evaluation embeddings of an image are the same whatever
+    report it is paired with, and its expert is the image router's."""
+    from modeling_medmoe import MedMoEModel
+    from training.embedding import embed_pairs
+
+    from .test_modeling import route_to
+
+    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text"})
+    model = MedMoEModel(config)
+    route_to(model.image_router, 1)
+    route_to(model.text_router, 4)
+    rows = dict(batch, report_type_labels=torch.zeros(8, dtype=torch.long), texts=["r"] * 8, metadata={}, skipped={})
+    shuffled = {**rows, **{key: batch[key].flip(0) for key in ("input_ids", "attention_mask", "token_type_ids")}}
+    paired, mispaired = (embed_pairs(model, [b], torch.device("cpu"), show_progress=False) for b in (rows, shuffled))
+    assert paired.expert_index.tolist() == [1] * 8
+    torch.testing.assert_close(paired.image_embeds, mispaired.image_embeds)
+    torch.testing.assert_close(paired.text_embeds.flip(0), mispaired.text_embeds)
+
+
+def test_zero_shot_scores_are_the_model_package_scores(model_folder, tmp_path):
+    """The CLI's zero-shot accuracy is what the model's own zero-shot methods (the card, handler and demo use them)
+    give on the same rows."""
+    import numpy as np
+    from transformers import AutoModel, AutoProcessor
+
+    from training import data as data_module
+    from training.embedding import embed_pairs
+
+    result = evaluate_script.main(
+        ["--model", str(model_folder), "--output_dir", str(tmp_path), "--tasks", "zero_shot", *TINY]
+    )
+    model = AutoModel.from_pretrained(model_folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
+    stream, image_column, text_column = data_module.open_stream(data_module.DataOptions(), "eval")
+    stream = data_module.prepare_stream(stream, image_column=image_column, max_rows=24)
+    prepare = data_module.RowPreparer(
+        processor, model.config.expert_names, image_column, text_column, None, ("modality",)
+    )
+    loader = data_module.BatchStream(stream, prepare, data_module.BatchCollator(processor), 8, drop_last=False)
+    embedded = embed_pairs(model, loader, torch.device("cpu"), show_progress=False)
+    classes = result["details"]["zero_shot"]["classes"]
+    class_embeds = model.get_zero_shot_class_embeddings(processor.tokenizer, classes)
+    predicted = model.zero_shot_probabilities(embedded.image_embeds, class_embeds).argmax(dim=1).numpy()
+    truth = np.array([classes.index(value) for value in embedded.metadata["modality"]])
+    assert result["metrics"]["zero_shot/accuracy"] == pytest.approx(float((predicted == truth).mean()))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 
-from training.evaluate import retrieval_ranks
+from training.evaluation import retrieval_ranks
 from training.metrics import load_metric
 
 

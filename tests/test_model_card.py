@@ -91,7 +91,7 @@ def test_card_body_has_every_section(card_folder):
     ):
         assert heading in text, heading
     assert "2506.08356" in text and "not a medical device" in text
-    assert "| steps | 400 |" in text and "| retrieval/image_to_text_R@5 | 0.2500 |" in text
+    assert "| steps trained | 400 |" in text and "| retrieval/image_to_text_R@5 | 0.2500 |" in text
     assert "X-ray 50.0%" in text
 
 

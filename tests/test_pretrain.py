@@ -303,11 +303,51 @@ def test_pretraining_on_parquet_files_without_eval_files(tmp_path):
     assert (output_dir / "model" / "model.safetensors").is_file()
 
 
-def test_a_wall_clock_budget_stops_training_and_still_saves_everything(tmp_path):
-    output_dir = tmp_path / "budget"
-    arguments = ["--max_steps", "50", "--max_train_minutes", "0.0001", "--router_loss_weight", "2"]
-    completed = run_script([*arguments, "--output_dir", str(output_dir), *FAST])
+def test_held_out_figures_equal_the_evaluation_cli_on_the_same_rows(short_run, tmp_path):
+    """Pretraining's held-out check and the evaluation CLI are one code path: same model, same rows, same R@K."""
+    from training import run_evaluation
+
+    output_dir, _ = short_run
+    held_out = json.loads((output_dir / "model" / "eval_results.json").read_text())
+    arguments = ["--model", str(output_dir / "model"), "--output_dir", str(tmp_path), "--tasks", "retrieval,routing"]
+    cli = run_evaluation.main([*arguments, "--max_samples", "16", "--batch_size", "5", "--num_workers", "0"])
+    assert held_out["num_samples"] == cli["num_samples"] == 16
+    assert held_out["details"]["retrieval"] == cli["details"]["retrieval"]
+    names = [name for name in cli["metrics"] if name.startswith(("retrieval/", "routing/"))]
+    assert len(names) == 18
+    for name in names:
+        assert held_out["metrics"][name] == pytest.approx(cli["metrics"][name], abs=1e-6), name
+
+
+def test_card_states_what_happened_in_a_run_stopped_by_the_budget(tmp_path):
+    """Steps actually trained, the evaluation pool, the backbone as built, and the data by name, never by path."""
+    from modeling_medmoe import MedMoEConfig
+    from training.synthetic import synthetic_stream
+
+    from .test_data import write_parquet
+
+    private = tmp_path / "st-elsewhere-hospital" / "realmed-like"
+    rows = list(synthetic_stream(num_shards=1, rows_per_shard=48, image_size=48))
+    write_parquet(rows[:32], private / "data" / "train-0000.parquet")
+    write_parquet(rows[32:], private / "data" / "eval-0000.parquet")
+    output_dir = tmp_path / "out"
+    budget = [*FAST, "--max_steps", "50", "--max_train_minutes", "0.0001", "--router_loss_weight", "2"]
+    files = ["--train_files", str(private / "data" / "train-*.parquet")]
+    files += ["--eval_files", str(private / "data" / "eval-*.parquet")]
+    completed = run_script([*files, "--output_dir", str(output_dir), *budget])
     summary = json.loads((output_dir / "run_summary.json").read_text())
     assert summary["steps"] == 1 and summary["train_seconds"] > 0 and summary["parameters"] > 1e6
-    assert json.loads((output_dir / "model" / "config.json").read_text())["router_loss_weight"] == 2
     assert "routing purity" in completed.stdout, "the final evaluation still runs"
+    model_dir = output_dir / "model"
+    assert json.loads((model_dir / "config.json").read_text())["router_loss_weight"] == 2
+    card = (model_dir / "README.md").read_text()
+    assert "| steps trained | 1 (stopped by the 0.0001-minute budget" in card
+    assert "the retrieval pool is the first 16 rows of the split" in card
+    backbone = MedMoEConfig.from_preset("nano").vision_config
+    built = card.split("fuses a 4-level ")[1].split(" feature pyramid")[0]
+    assert built.startswith(f"`{backbone.backbone}` (") and built.endswith(") at 64 px")
+    assert "embed_dim=32" in built and "depths=[1, 1, 2, 1]" in built
+    assert "| data | realmed-like |" in card and "`realmed-like`, split `eval`" in card
+    for name in ("README.md", "args.json", "eval_results.json", "config.json"):
+        text = (model_dir / name).read_text()
+        assert "st-elsewhere-hospital" not in text, name  # the data's folders (the model's own path may appear)

@@ -333,11 +333,18 @@ def prepare_stream(
     return stream
 
 
-def make_dataloader(batch_stream: BatchStream, num_workers: int) -> torch.utils.data.DataLoader:
+def make_dataloader(batch_stream: BatchStream, num_workers: int, in_order: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ready-made batches; no more workers than the stream has shards. It has a generator of its
-    own, so starting an epoch draws nothing from the global RNG (a resumed run replays the same dropout)."""
+    own, so starting an epoch draws nothing from the global RNG (a resumed run replays the same dropout).
+
+    in_order (evaluation): the rows in the stream's order, so that `prepare_stream(max_rows=N)` keeps the first N
+    rows whatever `num_workers` says (several workers would each read, and each take from, their own shards). One
+    worker then decodes off the main process.
+    """
     shards = batch_stream.stream.num_shards
     workers = max(0, min(num_workers, shards))
+    if in_order:
+        workers = min(workers, 1)
     return torch.utils.data.DataLoader(
         batch_stream,
         batch_size=None,

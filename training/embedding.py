@@ -1,4 +1,8 @@
-"""Run a MedMoE model over an evaluation stream and collect embeddings, routing and ground truth."""
+"""Run a MedMoE model over an evaluation stream and collect embeddings, routing and ground truth.
+
+Images and reports are embedded by separate calls, so an image is never routed by its own report (whatever the
+config's `router_input`); the figures computed from them are defined in training/evaluation.py.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "word_ids", "pixel_values")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -45,10 +49,11 @@ def embed_pairs(model, dataloader, device: torch.device, description: str = "emb
         skipped.update(batch["skipped"])
         if "pixel_values" not in batch:
             continue
-        out = model(**model_inputs(batch, device))
-        parts["image_embeds"].append(out.image_embeds.float().cpu())
-        parts["text_embeds"].append(out.text_embeds.float().cpu())
-        parts["expert_index"].append(out.expert_index.cpu())
+        image = model(pixel_values=batch["pixel_values"].to(device))
+        text = model(**{key: batch[key].to(device) for key in TEXT_INPUTS if key in batch})
+        parts["image_embeds"].append(image.image_embeds.float().cpu())
+        parts["text_embeds"].append(text.text_embeds.float().cpu())
+        parts["expert_index"].append(image.expert_index.cpu())
         parts["report_type_labels"].append(batch["report_type_labels"])
         texts.extend(batch["texts"])
         for key, values in batch["metadata"].items():
@@ -61,25 +66,3 @@ def embed_pairs(model, dataloader, device: torch.device, description: str = "emb
     return EmbeddedSet(
         **{key: torch.cat(value) for key, value in parts.items()}, texts=texts, metadata=metadata, skipped=skipped
     )
-
-
-def retrieval_ranks(query_embeds: torch.Tensor, candidate_embeds: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the true candidate (same row) for each query, by cosine similarity. [N, P] x2 -> [N].
-
-    Ties count against the query (a tie with the true candidate ranks it after the tied ones): a pessimistic bound.
-    """
-    similarity = F.normalize(query_embeds, dim=-1) @ F.normalize(candidate_embeds, dim=-1).T
-    true_scores = similarity.diagonal().unsqueeze(1)
-    return (similarity >= true_scores).sum(dim=1)
-
-
-def recall_at_k(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    return {f"R@{k}": float((ranks <= k).float().mean()) for k in ks}
-
-
-def routing_purity(expert_index: torch.Tensor, classes: list) -> float:
-    """Share of samples whose expert's most common class is their own class (1 = each expert serves one class)."""
-    by_expert: dict[int, Counter] = {}
-    for expert, label in zip(expert_index.tolist(), classes):
-        by_expert.setdefault(expert, Counter())[label] += 1
-    return sum(counts.most_common(1)[0][1] for counts in by_expert.values()) / max(len(classes), 1)

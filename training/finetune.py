@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, get_scheduler
 
-if __package__ in (None, ""):  # `accelerate launch training/finetune.py` runs this file as a script
-    # Put the repo root first instead of training/, where evaluate.py would shadow the `evaluate` package.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from modeling_medmoe import MedMoEForImageClassification, MedMoEModel  # noqa: E402
-from training import data as data_module  # noqa: E402
-from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks  # noqa: E402
-from training.metrics import classification_results  # noqa: E402
+from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
+from training import data as data_module
+from training.embedding import model_inputs
+from training.evaluation import dataset_description, evaluate_retrieval_and_routing
+from training.metrics import classification_results
 
 # Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
 DEFAULT_LORA_TARGETS = ("qkv", "attn.proj", "query", "value", "image_projection", "text_projection")
@@ -133,15 +129,11 @@ def evaluate_classifier(model, loader, device, label_column: str, classes: list[
     }
 
 
-def evaluate_contrastive(model, loader, device) -> dict:
-    embedded = embed_pairs(model, loader, device, description="evaluating")
-    image_to_text = recall_at_k(retrieval_ranks(embedded.image_embeds, embedded.text_embeds))
-    text_to_image = recall_at_k(retrieval_ranks(embedded.text_embeds, embedded.image_embeds))
-    return {
-        **{f"image_to_text_{key}": value for key, value in image_to_text.items()},
-        **{f"text_to_image_{key}": value for key, value in text_to_image.items()},
-        "num_samples": len(embedded.texts),
-    }
+def evaluate_contrastive(model, loader, device, args) -> dict:
+    """Retrieval and routing as training/evaluation.py defines them (the pretraining held-out check's figures)."""
+    dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
+    results = evaluate_retrieval_and_routing(model, loader, device, model.config.expert_names, dataset)
+    return {**results["metrics"], "num_samples": results["num_samples"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         collate = data_module.BatchCollator(processor, args.max_length)
         batches = data_module.BatchStream(prepared, prepare, collate, batch_size, drop_last=which == "train")
-        return data_module.make_dataloader(batches, args.num_workers)
+        return data_module.make_dataloader(batches, args.num_workers, in_order=which == "eval")
 
     train_loader = loader(
         "train",
@@ -231,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.task == "classification":
             metrics = evaluate_classifier(unwrapped, eval_loader, accelerator.device, args.label_column, classes)
         else:
-            metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device)
+            metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device, args)
         summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total)
     accelerator.wait_for_everyone()
     accelerator.end_training()

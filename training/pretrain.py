@@ -23,17 +23,14 @@ from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-if __package__ in (None, ""):  # `accelerate launch training/pretrain.py` runs this file as a script
-    # Put the repo root first instead of training/, where evaluate.py would shadow the `evaluate` package.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from model_card.generate import write_model_card  # noqa: E402
-from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor  # noqa: E402
-from training import data as data_module  # noqa: E402
-from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
-from training.embedding import embed_pairs, model_inputs, recall_at_k, retrieval_ranks, routing_purity  # noqa: E402
-from training.hub import UploadFailed, push_folder  # noqa: E402
-from training.towers import (  # noqa: E402
+from model_card.generate import write_model_card
+from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
+from training import data as data_module
+from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.embedding import model_inputs
+from training.evaluation import dataset_description, evaluate_retrieval_and_routing, public_dataset_name
+from training.hub import UploadFailed, push_folder
+from training.towers import (
     PretrainedWeightsUnavailable,
     load_pretrained_text_tower,
     load_pretrained_vision_backbone,
@@ -138,27 +135,12 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def evaluate_pairs(model, dataloader, device, expert_names: list[str]) -> dict:
-    """Retrieval and routing on the held-out slice."""
-    embedded = embed_pairs(model, dataloader, device, description="evaluating")
-    count = len(embedded.texts)
-    image_to_text = recall_at_k(retrieval_ranks(embedded.image_embeds, embedded.text_embeds))
-    text_to_image = recall_at_k(retrieval_ranks(embedded.text_embeds, embedded.image_embeds))
-    truth = embedded.metadata.get("modality") or embedded.report_type_labels.tolist()
-    usage = Counter(embedded.expert_index.tolist())
-    return {
-        "num_samples": count,
-        "metrics": {
-            **{f"image_to_text_{key}": value for key, value in image_to_text.items()},
-            **{f"text_to_image_{key}": value for key, value in text_to_image.items()},
-            "routing_purity": routing_purity(embedded.expert_index, truth),
-        },
-        "chance_R@5": min(5 / count, 1.0),
-        "expert_usage": {name: usage.get(index, 0) / count for index, name in enumerate(expert_names)},
-        "routing_truth": "modality" if "modality" in embedded.metadata else "report type",
-    }
-
-
+HEADLINE_METRICS = (
+    "retrieval/image_to_text_R@5",
+    "retrieval/text_to_image_R@5",
+    "retrieval/image_to_text_R@10",
+    "routing/purity",
+)
 LOSS_PARTS = ("loss", "global_loss", "local_loss", "report_type_loss", "router_loss", "load_balance_loss")
 
 
@@ -338,12 +320,13 @@ def main(argv: list[str] | None = None) -> dict:
         batch_stream(train_prepared, args.per_device_train_batch_size), args.num_workers
     )
     eval_loader = None  # --train_files without --eval_files: no held-out rows to evaluate on
+    eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
     if args.eval_files or not args.train_files:
         eval_stream = data_module.prepare_stream(
             data_module.load_stream(options, "eval"), image_column=image_column, max_rows=args.max_eval_samples
         )
         eval_loader = data_module.make_dataloader(
-            batch_stream(eval_stream, args.per_device_eval_batch_size, drop_last=False), args.num_workers
+            batch_stream(eval_stream, args.per_device_eval_batch_size, drop_last=False), args.num_workers, in_order=True
         )
 
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
@@ -414,11 +397,14 @@ def main(argv: list[str] | None = None) -> dict:
             log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, output_dir / "train_log.jsonl")
         if eval_loader is not None and ((args.eval_steps and progress.step % args.eval_steps == 0) or is_last):
             if accelerator.is_main_process:
-                result = evaluate_pairs(unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names)
+                result = evaluate_retrieval_and_routing(
+                    unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names, eval_dataset
+                )
                 result["step"] = progress.step
                 evaluations.append(result)
+                headline = {name: result["metrics"][name] for name in HEADLINE_METRICS if name in result["metrics"]}
                 accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
-                bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
+                bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
             accelerator.wait_for_everyone()
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
             save_checkpoint(accelerator, checkpoints_dir, progress, args.checkpoints_total_limit)
@@ -442,20 +428,22 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    final = evaluations[-1] if evaluations else {}
-    results = results_for_card(final, args)
-    (model_dir / "args.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    (model_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    final = {key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "step"}
+    train_facts = {
+        **public_run_config(run_config),
+        "steps_trained": progress.step,
+        "images_seen": progress.images_seen,
+        "train_minutes": round(train_seconds / 60, 1),
+        "stopped_by": "max_steps" if progress.step >= args.max_steps else "max_train_minutes",
+    }
+    (model_dir / "args.json").write_text(json.dumps(train_facts, indent=2) + "\n")
+    (model_dir / "eval_results.json").write_text(json.dumps(final, indent=2) + "\n")
     write_model_card(
-        model_dir, results, run_config, repo_id=args.hub_model_id or str(model_dir), model_name=output_dir.name
+        model_dir, final, train_facts, repo_id=args.hub_model_id or str(model_dir), model_name=output_dir.name
     )
 
     if final:
-        metrics = final["metrics"]
-        recall, chance = metrics["image_to_text_R@5"], final["chance_R@5"]
-        print(f"\nHeld-out evaluation ({final['num_samples']} pairs):")
-        print(f"  routing purity vs {final['routing_truth']}: {metrics['routing_purity']:.3f}  (goal >= 0.9)")
-        print(f"  image->text R@5: {recall:.3f} = {recall / chance:.1f}x chance ({chance:.3f})  (goal >= 3x)")
+        print_held_out_summary(final)
     else:
         print("\nNo held-out evaluation: pass --eval_files (or a dataset with an eval split).")
     summary = {
@@ -481,35 +469,30 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
     return summary
 
 
-def results_for_card(evaluation: dict, args) -> dict:
-    """The held-out figures in the shape training/evaluate.py writes (EvalResult fields for the card)."""
-    dataset = {
-        "name": args.eval_files or args.dataset_name,
-        "type": args.dataset_name,
-        "split": args.eval_split or "eval",
-    }
-    metrics = evaluation.get("metrics", {})
-    return {
-        "dataset": dataset,
-        "num_samples": evaluation.get("num_samples"),
-        "metrics": metrics,
-        "expert_usage": evaluation.get("expert_usage"),
-        "eval_results": [
-            {
-                "task_type": "image-to-text"
-                if name.startswith("image_to_text")
-                else "text-to-image"
-                if name.startswith("text_to_image")
-                else "image-classification",
-                "dataset_type": dataset["type"],
-                "dataset_name": dataset["name"],
-                "dataset_split": dataset["split"],
-                "metric_type": name,
-                "metric_value": round(value, 4),
-            }
-            for name, value in metrics.items()
-        ],
-    }
+def print_held_out_summary(results: dict) -> None:
+    """Routing purity and image->text R@5 against chance, from `evaluation` results."""
+    metrics, retrieval, routing = results["metrics"], results["details"]["retrieval"], results["details"]["routing"]
+    recall, chance = metrics["retrieval/image_to_text_R@5"], retrieval["chance_R@5"]
+    pool, distinct = retrieval["pool_size"], retrieval["distinct_reports"]
+    print(f"\nHeld-out evaluation (pool: {pool} pairs, {distinct} distinct reports):")
+    if "routing/purity" in metrics:
+        print(f"  routing purity vs {routing['truth']}: {metrics['routing/purity']:.3f}  (goal >= 0.9)")
+    print(f"  image->text R@5: {recall:.3f} = {recall / chance:.1f}x chance ({chance:.3f})  (goal >= 3x)")
+
+
+LOCAL_PATH_ARGUMENTS = ("output_dir", "tokenizer", "text_model", "resume_from_checkpoint")
+
+
+def public_run_config(run_config: dict) -> dict:
+    """The run's arguments as they may be published with the model: the data by name (`public_dataset_name`), and
+    local folders (output, tokenizer, text model, checkpoint) by their last component only."""
+    public = {key: value for key, value in run_config.items() if key not in ("train_files", "eval_files")}
+    public["dataset_name"] = public_dataset_name(run_config["dataset_name"], run_config.get("train_files"))
+    for key in LOCAL_PATH_ARGUMENTS:
+        value = public.get(key)
+        if value and (Path(value).exists() or str(value).startswith((".", "/", "~"))):
+            public[key] = Path(value).name
+    return public
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import datasets
 import numpy as np
 from PIL import Image
 
-MODALITIES = ("X-ray", "CT", "MRI", "ultrasound", "pathology", "fundus")
+from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES
+
+MODALITIES = DEFAULT_EXPERT_NAMES  # one phantom kind per default expert
 TRAIN_SEED = 0
 EVAL_SEED = 1_000_003  # the held-out phantoms; any seed other than the training one works
 
