@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 
-from training.evaluation import retrieval_ranks
+from training.evaluation import expert_usage, retrieval_ranks
 from training.metrics import load_metric
 
 
@@ -62,4 +63,8 @@ def test_routing_matches_reference(generator):
     assert result["confusion"] == confusion.tolist()
     assert result["purity"] == pytest.approx(confusion.max(axis=1).sum() / 120)
     assert result["nmi"] == pytest.approx(normalized_mutual_info_score(classes, experts))
-    assert result["expert_usage"] == pytest.approx((confusion.sum(axis=1) / 120).tolist())
+
+
+def test_expert_usage_is_the_share_of_rows_per_expert():
+    usage = expert_usage(torch.tensor([0, 2, 2, 1, 2]), ["X-ray", "CT", "MRI", "fundus"])
+    assert usage == pytest.approx({"X-ray": 0.2, "CT": 0.2, "MRI": 0.6, "fundus": 0.0})

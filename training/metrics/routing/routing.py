@@ -12,7 +12,7 @@ Args:
     num_experts, num_classes: sizes of the confusion table (default: the largest index seen + 1).
 Returns:
     purity (share of samples whose expert's majority class is their class), nmi (normalised mutual information,
-    arithmetic), expert_usage (share of samples per expert) and confusion ([experts][classes] counts).
+    arithmetic) and confusion ([experts][classes] counts; its row sums are the expert usage).
 """
 
 
@@ -34,6 +34,5 @@ class Routing(evaluate.Metric):
         return {
             "purity": float(confusion.max(axis=1).sum() / len(experts)),
             "nmi": float(normalized_mutual_info_score(classes, experts)),
-            "expert_usage": (confusion.sum(axis=1) / len(experts)).tolist(),
             "confusion": confusion.tolist(),
         }
