@@ -1,4 +1,5 @@
-"""Gradio demo for a Hub Space: zero-shot scores, the chosen expert and the attention overlay of an uploaded image.
+"""Gradio demo for a Hub Space: zero-shot scores, the chosen expert and the attention overlay of an uploaded image
+or DICOM file.
 
     pip install -e ".[demo]"
     python model_card/app.py --model outputs/medmoe-nano/model      # or a Hub id
@@ -28,25 +29,44 @@ class Demo:
         self.processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=True)
 
     @torch.no_grad()
-    def predict(self, image: Image.Image, labels_text: str) -> tuple[dict[str, float], str, Image.Image]:
+    def predict(self, image, labels_text: str, window: str | None = None) -> tuple[dict[str, float], str, Image.Image]:
         """Scores per label (comma-separated, default: the expert names) from the model's zero-shot methods, the
-        chosen expert, and the image with the attention of the best label's words over it."""
+        chosen expert, and the image with the attention of the best label's words over it.
+
+        `image` is anything the model's image processor reads: a PIL image, an image or DICOM file path, DICOM bytes
+        or a pydicom Dataset; `window` (a CT preset name or "centre,width") applies to DICOM and 16-bit images.
+        """
         labels = [label.strip() for label in labels_text.split(",") if label.strip()] or list(
             self.model.config.expert_names
         )
-        image_out = self.model(**self.processor(images=[image]))
+        window = parse_window(window)
+        image_processor = self.processor.image_processor
+        pixel_values = image_processor(images=[image], window=window)["pixel_values"]
+        image_out = self.model(pixel_values=pixel_values)
         class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels)
         scores = self.model.zero_shot_probabilities(image_out.image_embeds, class_embeds)[0]
         best = int(scores.argmax())
         expert = self.model.config.expert_names[int(image_out.expert_index[0])]
-        paired = self.model(**self.processor(images=[image], text=[labels[best]], padding=True, truncation=True))
+        text = self.processor(text=[labels[best]], padding=True, truncation=True)
+        paired = self.model(pixel_values=pixel_values, **text)
         word_attention = paired.word_region_attention[0][paired.word_mask[0]].mean(dim=0)  # [h, w]
-        return {label: float(score) for label, score in zip(labels, scores)}, expert, overlay(image, word_attention)
+        shown = image_processor.to_display(image, window=window)
+        return {label: float(score) for label, score in zip(labels, scores)}, expert, overlay(shown, word_attention)
 
 
-def overlay(image: Image.Image, attention: torch.Tensor, alpha: float = 0.5) -> Image.Image:
-    """The image with a jet-coloured attention map [h, w] blended over it."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+def parse_window(window: str | None):
+    """ "lung" -> "lung"; "40,400" -> (40.0, 400.0); empty -> None."""
+    if not window or not window.strip():
+        return None
+    if "," in window:
+        centre, width = (float(part) for part in window.split(","))
+        return centre, width
+    return window.strip()
+
+
+def overlay(image: torch.Tensor, attention: torch.Tensor, alpha: float = 0.5) -> Image.Image:
+    """The image ([3, H, W] in [0, 1]) with a jet-coloured attention map [h, w] blended over it."""
+    base = image.permute(1, 2, 0).numpy()
     resized = F.interpolate(attention[None, None].float(), size=base.shape[:2], mode="bilinear", align_corners=False)
     heat = resized[0, 0].numpy()
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
@@ -58,9 +78,23 @@ def overlay(image: Image.Image, attention: torch.Tensor, alpha: float = 0.5) -> 
 def build_interface(demo: Demo):
     import gradio as gr
 
+    def predict(image, dicom_file, labels_text, window):
+        chosen = dicom_file if dicom_file is not None else image
+        if chosen is None:
+            raise gr.Error("Upload an image or a DICOM file.")
+        try:
+            return demo.predict(chosen, labels_text, window)
+        except (ValueError, ImportError) as error:  # undecodable image or DICOM, bad window: say why
+            raise gr.Error(str(error)) from None
+
     return gr.Interface(
-        fn=demo.predict,
-        inputs=[gr.Image(type="pil", label="medical image"), gr.Textbox(label="labels (comma-separated)")],
+        fn=predict,
+        inputs=[
+            gr.Image(type="pil", label="medical image"),
+            gr.File(label="or a DICOM file", type="filepath"),
+            gr.Textbox(label="labels (comma-separated)"),
+            gr.Textbox(label="DICOM window: lung, mediastinum, bone, brain, abdomen or centre,width (optional)"),
+        ],
         outputs=[gr.Label(label="zero-shot scores"), gr.Textbox(label="chosen expert"), gr.Image(label="attention")],
         title="MedMoE",
         description="Research demo, not for clinical use.",

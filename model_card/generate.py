@@ -233,7 +233,9 @@ def write_model_card(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="saved MedMoE folder (config.json inside)")
-    parser.add_argument("--results", help="results.json from training/run_evaluation.py (or eval_results.json of a pretraining run)")
+    parser.add_argument(
+        "--results", help="results.json from training/run_evaluation.py (or eval_results.json of a pretraining run)"
+    )
     parser.add_argument("--train_args", help="args.json written by training/pretrain.py")
     parser.add_argument("--repo_id", help="Hub id used in the card's snippets (default: hub_model_id or the folder)")
     args = parser.parse_args(argv)

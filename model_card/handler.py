@@ -9,8 +9,10 @@ Requests (JSON):
         -> {"embeddings": [[...]], "experts": ["CT", ...]}
     {"inputs": "report text" or ["...", ...], "parameters": {"mode": "text-embedding"}}
         -> {"embeddings": [[...]]}
-IMAGE is a PIL image, raw bytes, or a base64 string (optionally a data URL). A bad request returns
-{"error": "..."} saying what was wrong.
+IMAGE is a PIL image, the raw bytes of an image or DICOM file, or their base64 string (optionally a data URL).
+For DICOM, "parameters" may also hold "window" (a CT preset: lung, mediastinum, bone, brain, abdomen, or
+[centre, width]) and "frame" (of a multi-frame file; default the middle one). A bad request, an undecodable image or
+DICOM included, returns {"error": "..."} saying what was wrong.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoModel, AutoProcessor
 
 MODES = ("zero-shot", "image-embedding", "text-embedding")
+DICOM_MAGIC_OFFSET = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
 
 
 class BadRequest(ValueError):
     """The request cannot be served; the message says why."""
 
 
-def read_image(value: Any) -> Image.Image:
-    """A PIL image from a PIL image, bytes or a base64 string (data URLs accepted)."""
+def read_image(value: Any) -> Image.Image | bytes:
+    """A PIL image from a PIL image, bytes or a base64 string (data URLs accepted); DICOM file bytes stay bytes (the
+    model's image processor reads them)."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, str):
@@ -42,6 +46,8 @@ def read_image(value: Any) -> Image.Image:
         except (binascii.Error, ValueError):
             raise BadRequest("An image string must be base64 (or a data URL).") from None
     if isinstance(value, (bytes, bytearray)):
+        if bytes(value[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4]) == b"DICM":
+            return bytes(value)
         try:
             image = Image.open(io.BytesIO(value))
             image.load()
@@ -67,10 +73,19 @@ class EndpointHandler:
             if mode == "zero-shot":
                 return self.zero_shot(data["inputs"], parameters)
             if mode == "image-embedding":
-                return self.image_embeddings(data["inputs"])
+                return self.image_embeddings(data["inputs"], parameters)
             return self.text_embeddings(data["inputs"])
         except BadRequest as error:
             return {"error": str(error)}
+
+    def pixel_values(self, images: list, parameters: dict) -> torch.Tensor:
+        """The model's image processor on these images, with the request's DICOM `window` and `frame`."""
+        try:
+            return self.processor.image_processor(
+                images=images, window=parameters.get("window"), frame=parameters.get("frame")
+            )["pixel_values"]
+        except (ValueError, TypeError, ImportError) as error:
+            raise BadRequest(str(error)) from None
 
     @torch.no_grad()
     def zero_shot(self, inputs: Any, parameters: dict) -> list[dict]:
@@ -83,8 +98,7 @@ class EndpointHandler:
         template = parameters.get("hypothesis_template")
         if template is not None and (not isinstance(template, str) or "{}" not in template):
             raise BadRequest('"hypothesis_template" must contain {} where the label goes.')
-        pixel_values = self.processor(images=[image])["pixel_values"]
-        image_embeds = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        image_embeds = self.model.get_image_features(pixel_values=self.pixel_values([image], parameters)).pooler_output
         tokenizer = self.processor.tokenizer
         if template is None:
             class_embeds = self.model.get_zero_shot_class_embeddings(tokenizer, labels)
@@ -96,12 +110,11 @@ class EndpointHandler:
         )
 
     @torch.no_grad()
-    def image_embeddings(self, inputs: Any) -> dict:
+    def image_embeddings(self, inputs: Any, parameters: dict) -> dict:
         images = [read_image(value) for value in (inputs if isinstance(inputs, list) else [inputs])]
         if not images:
             raise BadRequest("No image given.")
-        pixel_values = self.processor(images=images)["pixel_values"]
-        out = self.model(pixel_values=pixel_values)
+        out = self.model(pixel_values=self.pixel_values(images, parameters))
         experts = [self.model.config.expert_names[index] for index in out.expert_index.tolist()]
         return {"embeddings": out.image_embeds.tolist(), "experts": experts}
 

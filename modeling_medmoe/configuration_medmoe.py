@@ -25,6 +25,15 @@ AUTO_MAP = {
     "AutoModelForZeroShotImageClassification": "modeling_medmoe.MedMoEModel",
     "AutoModelForImageClassification": "modeling_medmoe.MedMoEForImageClassification",
 }
+# pipeline("zero-shot-image-classification", model=FOLDER, trust_remote_code=True) builds MedMoE's own pipeline,
+# which reads DICOM and scores with the model's zero-shot methods.
+CUSTOM_PIPELINES = {
+    "zero-shot-image-classification": {
+        "impl": "pipeline_medmoe.MedMoEZeroShotImageClassificationPipeline",
+        "pt": ["AutoModelForZeroShotImageClassification"],
+        "type": "multimodal",
+    }
+}
 
 
 class MedMoEVisionConfig(PreTrainedConfig):
@@ -131,6 +140,7 @@ class MedMoEConfig(PreTrainedConfig):
             )
         self.expert_names = list(self.expert_names)
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        kwargs["custom_pipelines"] = {**copy.deepcopy(CUSTOM_PIPELINES), **(kwargs.get("custom_pipelines") or {})}
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

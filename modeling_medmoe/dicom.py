@@ -5,6 +5,7 @@ pydicom is an optional dependency (`pip install "medmoe[dicom]"`), imported only
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,17 +43,37 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return handle.read(4) == b"DICM"
 
 
+def is_dicom_bytes(data) -> bool:
+    """The bytes of a DICOM file (the "DICM" marker after the 128-byte preamble)?"""
+    return isinstance(data, (bytes, bytearray)) and bytes(data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4]) == b"DICM"
+
+
+def is_dicom(source) -> bool:
+    """A pydicom Dataset, DICOM file bytes, or the path of a DICOM file?"""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.isfile(source) and is_dicom_file(source)
+    return is_dicom_dataset(source) or is_dicom_bytes(source)
+
+
 def read_dicom(source, frame: int | None = None) -> DicomPixels:
-    """A DICOM file path or pydicom Dataset -> `DicomPixels` of frame `frame` (default: the middle frame)."""
+    """A DICOM file path, the file's bytes or a pydicom Dataset -> `DicomPixels` of frame `frame` (default: the
+    middle frame)."""
     try:
         import pydicom
+        from pydicom.errors import InvalidDicomError
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise ImportError(
             'Reading DICOM needs pydicom: pip install "medmoe[dicom]" (or pip install pydicom).'
         ) from error
 
-    dataset = source if is_dicom_dataset(source) else pydicom.dcmread(source)
+    if is_dicom_dataset(source):
+        dataset = source
+    else:
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        except (InvalidDicomError, EOFError, OSError) as error:
+            raise ValueError(f"Cannot read this DICOM file: {error}") from error
     pixels = decoded_pixels(dataset)
     frames = int(dataset.get("NumberOfFrames") or 1)
     if frames > 1:

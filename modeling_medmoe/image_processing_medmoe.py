@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .dicom import DicomPixels, is_dicom_dataset, is_dicom_file, read_dicom
+from .dicom import DicomPixels, is_dicom_bytes, is_dicom_dataset, is_dicom_file, read_dicom
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACCEPTED_INPUTS = (
     "a PIL image, a numpy array or torch tensor shaped HxW, HxWxC or CxHxW with C in (1, 3, 4), a pydicom Dataset, "
-    "an image or DICOM file path, or a list of these"
+    "an image or DICOM file path, the bytes of an image or DICOM file, or a list of these"
 )
 WINDOW_PRESETS = {  # (centre, width) in Hounsfield units: the usual CT display windows
     "lung": (-600.0, 1500.0),
@@ -139,6 +139,12 @@ class MedMoEImageProcessor(BaseImageProcessor):
             return list(images)
         return [images]
 
+    def to_display(self, image, window: str | Sequence[float] | None = None, frame: int | None = None):
+        """One image as a person should see it, before resizing: float tensor [3, H, W] in [0, 1] (DICOM through
+        its window, as for the model). `window` and `frame` as in `preprocess`."""
+        window = resolve_window(window if window is not None else self.window)
+        return self.to_unit_range(image, window, frame if frame is not None else self.frame)
+
     def to_model_input(self, image, window: tuple[float, float] | None = None, frame: int | None = None):
         """One image -> normalised float tensor [3, height, width]."""
         unit = self.to_unit_range(image, window, frame)  # [3, H, W] in [0, 1]
@@ -151,6 +157,8 @@ class MedMoEImageProcessor(BaseImageProcessor):
         """One image -> float tensor [3, H, W] in [0, 1]."""
         if isinstance(image, (str, os.PathLike)):
             image = self._open(image, frame)
+        elif isinstance(image, (bytes, bytearray)):
+            image = read_dicom(image, frame) if is_dicom_bytes(image) else self._decode(image)
         if is_dicom_dataset(image):
             image = read_dicom(image, frame)
         if isinstance(image, DicomPixels):
@@ -174,6 +182,19 @@ class MedMoEImageProcessor(BaseImageProcessor):
         with Image.open(path) as opened:
             opened.load()
             return opened.copy()
+
+    def _decode(self, data: bytes):
+        """The bytes of an image file (PNG, JPEG, TIFF ...) -> PIL image."""
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                return opened.copy()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Cannot decode these image bytes ({len(data)} bytes): {error}") from error
 
     def _as_channels_last(self, image) -> torch.Tensor:
         """PIL image, array or tensor -> [H, W, C]; HxW, HxWxC and CxHxW (C in 1, 3, 4) accepted."""

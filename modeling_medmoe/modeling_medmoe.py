@@ -428,3 +428,6 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
 
 MedMoEModel.register_for_auto_class("AutoModel")
 MedMoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+# config.custom_pipelines names this pipeline; importing it here makes save_pretrained copy its file beside this one.
+from .pipeline_medmoe import MedMoEZeroShotImageClassificationPipeline  # noqa: E402, F401

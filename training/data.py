@@ -23,6 +23,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
 from modeling_medmoe import MedMoEProcessor
+from modeling_medmoe.dicom import DicomPixels, is_dicom, read_dicom
 from modeling_medmoe.report_types import report_type_index, type_name_to_index
 
 from .synthetic import EVAL_SEED, TRAIN_SEED, synthetic_stream
@@ -219,13 +220,16 @@ class RowPreparer:
             raise SkipRow("overlong_report", f"{len(text)} characters")
         return text.strip()
 
-    def read_image(self, row: dict) -> Image.Image:
-        """Decode the image cell (PIL, {"bytes", "path"}, bytes or a path) and check its size before decoding."""
+    def read_image(self, row: dict) -> Image.Image | DicomPixels:
+        """Decode the image cell (PIL, {"bytes", "path"}, bytes or a path; an image or a DICOM file) and check its
+        size before decoding."""
         value = row.get(self.image_column)
         if isinstance(value, dict):
             value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
         if value is None:
             raise SkipRow("missing_image")
+        if isinstance(value, (bytes, bytearray, str)) and is_dicom(value):
+            return self.read_dicom(value)
         if isinstance(value, Image.Image):
             image = value
         elif isinstance(value, (bytes, bytearray, str)):
@@ -247,6 +251,17 @@ class RowPreparer:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise SkipRow("undecodable_image", str(error)) from error
         return image
+
+    def read_dicom(self, value: bytes | str) -> DicomPixels:
+        """A DICOM cell (the file's bytes or path) -> its pixels, or SkipRow with the reader's reason."""
+        try:
+            pixels = read_dicom(value)
+        except ValueError as error:
+            raise SkipRow("undecodable_dicom", str(error)) from error
+        height, width = pixels.values.shape[:2]
+        if width * height > self.max_image_pixels:
+            raise SkipRow("too_many_pixels", f"{width}x{height}")
+        return pixels
 
 
 @dataclass
