@@ -116,10 +116,7 @@ def training_section(train_args: dict) -> str:
             "text model",
             train_args.get("text_model") or "trained from scratch with a WordPiece tokenizer learnt on the data",
         ),
-        (
-            "vision backbone",
-            "timm pretrained weights" if train_args.get("vision_backbone_pretrained") else "from scratch",
-        ),
+        ("vision backbone", backbone_start(train_args)),
         ("seed", train_args.get("seed")),
     ]
     rows = "\n".join(f"| {name} | {value} |" for name, value in shown if value is not None)
@@ -158,6 +155,12 @@ def evaluation_section(results: dict) -> str:
             f"{name} {share:.1%}" for name, share in usage.items()
         )
     return section
+
+
+def backbone_start(train_args: dict) -> str:
+    if train_args.get("vision_backbone_weights"):
+        return f"timm weights from the local file {train_args['vision_backbone_weights']}"
+    return "timm pretrained weights" if train_args.get("vision_backbone_pretrained") else "from scratch"
 
 
 def backbone_as_built(vision_config: dict) -> str:

@@ -9,16 +9,21 @@ from torch import nn
 from .configuration_medmoe import MedMoEVisionConfig
 
 
-def create_backbone(config: MedMoEVisionConfig, pretrained: bool = False) -> nn.Module:
+def create_backbone(
+    config: MedMoEVisionConfig, pretrained: bool = False, pretrained_file: str | None = None
+) -> nn.Module:
     """A timm `features_only` model for the config. The model builds it with `pretrained=False`; loading timm's
-    weights (`pretrained=True`) is the training script's job."""
+    weights (`pretrained=True`: from the Hub, or from `pretrained_file`, a local timm checkpoint of the whole
+    model, through timm's `pretrained_cfg_overlay`) is the training script's job."""
     kwargs = {
-        "pretrained": pretrained,
+        "pretrained": pretrained or pretrained_file is not None,
         "features_only": True,
         "out_indices": tuple(config.backbone_out_indices),
         "in_chans": config.num_channels,
         **(config.backbone_kwargs or {}),
     }
+    if pretrained_file is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
     try:  # transformer backbones (Swin, ViT) fix their input size at construction
         return timm.create_model(config.backbone, img_size=config.image_size, **kwargs)
     except TypeError as error:  # convolutional backbones take any size and no `img_size` argument

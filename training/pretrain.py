@@ -47,7 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text_model", help="start the text tower and tokenizer from this BERT-style model (Hub id or path)"
     )
     model.add_argument(
-        "--vision_backbone_pretrained", action="store_true", help="load timm's pretrained backbone weights"
+        "--vision_backbone_pretrained", action="store_true", help="load timm's pretrained backbone weights (Hub)"
+    )
+    model.add_argument(
+        "--vision_backbone_weights",
+        type=Path,
+        help="start the backbone from this local timm checkpoint (.safetensors of the whole timm model; offline)",
     )
     model.add_argument("--router_input", choices=["image", "text", "text_teacher"], help="override the preset's router")
     model.add_argument("--num_experts", type=int, help="number of experts (1 = no mixture)")
@@ -106,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output_dir = Path("outputs") / f"medmoe-{args.preset}"
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
+    if args.vision_backbone_weights and args.vision_backbone_weights.suffix != ".safetensors":
+        parser.error("--vision_backbone_weights takes a .safetensors file (nothing is unpickled)")
     return args
 
 
@@ -287,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = MedMoEModel(config)
     if args.text_model:
         load_pretrained_text_tower(model, args.text_model)
-    if args.vision_backbone_pretrained:
-        load_pretrained_vision_backbone(model)
+    if args.vision_backbone_pretrained or args.vision_backbone_weights:
+        load_pretrained_vision_backbone(model, args.vision_backbone_weights)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     side = config.vision_config.image_size
@@ -480,7 +487,7 @@ def print_held_out_summary(results: dict) -> None:
     print(f"  image->text R@5: {recall:.3f} = {recall / chance:.1f}x chance ({chance:.3f})  (goal >= 3x)")
 
 
-LOCAL_PATH_ARGUMENTS = ("output_dir", "tokenizer", "text_model", "resume_from_checkpoint")
+LOCAL_PATH_ARGUMENTS = ("output_dir", "tokenizer", "text_model", "resume_from_checkpoint", "vision_backbone_weights")
 
 
 def public_run_config(run_config: dict) -> dict:

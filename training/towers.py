@@ -3,6 +3,7 @@ text weights, pretrained timm backbone weights. Each fails with a clear message 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
@@ -66,11 +67,39 @@ def load_pretrained_text_tower(model, name: str) -> None:
         raise ValueError(f"{name!r} does not fit the text tower; missing weights: {missing[:5]}")
 
 
-def load_pretrained_vision_backbone(model) -> None:
-    """Load timm's pretrained weights for the configured backbone into `model.vision_pyramid.backbone`."""
+def load_pretrained_vision_backbone(model, weights_file: str | Path | None = None) -> None:
+    """Load pretrained weights for the configured backbone into `model.vision_pyramid.backbone`: timm's from the
+    Hub, or a local safetensors file (a timm checkpoint of the whole model, e.g. the model.safetensors of a timm Hub
+    repo copied into an air-gapped network), read by timm's own local-file mechanism."""
     vision_config = model.config.vision_config
+    if weights_file is not None:
+        weights_file = Path(weights_file)
+        if weights_file.suffix != ".safetensors":
+            raise ValueError(
+                f"--vision_backbone_weights takes a .safetensors file (nothing is unpickled); got {weights_file}."
+            )
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"No backbone weights file at {weights_file}.")
     try:
-        pretrained = create_backbone(vision_config, pretrained=True)
-    except Exception as error:  # timm raises many kinds (hub, network, missing file) for the same cause
-        raise PretrainedWeightsUnavailable(offline_hint(f"timm/{vision_config.backbone}", error)) from None
+        pretrained = create_backbone(vision_config, pretrained=True, pretrained_file=weights_file)
+    except Exception as error:  # timm raises many kinds (hub, network, missing file, wrong keys) for one cause
+        source = str(weights_file) if weights_file is not None else f"timm/{vision_config.backbone}"
+        raise PretrainedWeightsUnavailable(offline_hint(source, error)) from None
+    if weights_file is not None:
+        check_file_covers_backbone(weights_file, pretrained.state_dict().keys(), vision_config.backbone)
     model.vision_pyramid.backbone.load_state_dict(pretrained.state_dict())
+
+
+def check_file_covers_backbone(weights_file: Path, backbone_keys, backbone: str) -> None:
+    """timm loads a features_only backbone non-strictly; a file for another architecture would leave it random.
+    Every backbone weight must be in the file (timm's feature wrapper writes "layers.0" as "layers_0")."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as handle:
+        in_file = {re.sub(r"_(\d+)", r".\1", key) for key in handle.keys()}
+    missing = [key for key in backbone_keys if re.sub(r"_(\d+)", r".\1", key) not in in_file]
+    if missing:
+        raise PretrainedWeightsUnavailable(
+            f"{weights_file} is not a checkpoint of timm's {backbone!r} as configured: it lacks {len(missing)} of "
+            f"its weights (e.g. {missing[:3]})."
+        )
