@@ -3,7 +3,8 @@
     python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20
 
 Every system trains on the realmed train split (same rows, tokens, 128-px images, batch of 32, learning rate,
-schedule) for --minutes of training time on this machine, then is scored by training/run_evaluation.py on the eval split:
+schedule) for --minutes of training time on this machine, then is scored by training/run_evaluation.py on the eval
+split:
 image->text and text->image R@1/5/10 (pool: the eval split), zero-shot modality accuracy, routing purity vs
 modality, linear-probe accuracy on modality and on label. The schedule's length comes from a short calibration
 run per system (its images/s times the budget), so the cosine schedule ends as the budget does.
@@ -150,7 +151,8 @@ def run_medmoe(args, name: str) -> dict:
     run(pretrain_command(args, folder, MEDMOE_SYSTEMS[name], steps, args.minutes), folder / "train.log")
     print(f"[{name}] evaluating ...", flush=True)
     evaluate = [
-        sys.executable, "training/run_evaluation.py", "--model", str(folder / "model"), "--dataset_name", str(args.data),
+        sys.executable, "training/run_evaluation.py", "--model", str(folder / "model"),
+        "--dataset_name", str(args.data),
         "--tasks", EVAL_TASKS, "--probe_columns", "modality,label", "--max_train_samples", "4000",
         "--num_workers", str(args.num_workers), "--output_dir", str(folder / "eval"),
     ]  # fmt: skip

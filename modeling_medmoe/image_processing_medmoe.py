@@ -147,7 +147,10 @@ class MedMoEImageProcessor(BaseImageProcessor):
 
     def to_model_input(self, image, window: tuple[float, float] | None = None, frame: int | None = None):
         """One image -> normalised float tensor [3, height, width]."""
-        unit = self.to_unit_range(image, window, frame)  # [3, H, W] in [0, 1]
+        return self.unit_to_model_input(self.to_unit_range(image, window, frame))
+
+    def unit_to_model_input(self, unit: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] in [0, 1] (`to_unit_range`, `to_display`) -> normalised [3, height, width]."""
         resized = self.resize_and_crop(unit)
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)

@@ -74,7 +74,7 @@ def test_pipeline_window_and_frame_reach_the_image_processor(classifier, folder)
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     with torch.no_grad():
         image_embeds = model.get_image_features(**processor(path, window="lung")).pooler_output
         expected = model.zero_shot_probabilities(image_embeds, model.get_zero_shot_class_embeddings(tokenizer, LABELS))

@@ -1,0 +1,151 @@
+"""Archive search: medmoe-index over folders (PNG, DICOM, nested) and parquet, resume after an interruption,
+skipped files counted, medmoe-search equal to the evaluation module's retrieval, and a save/reload of the index."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_medmoe import MedMoEModel
+
+pytest.importorskip("faiss")
+pydicom = pytest.importorskip("pydicom")
+from pydicom.data import get_testdata_file  # noqa: E402
+
+from training import index as index_script  # noqa: E402
+from training import search as search_script  # noqa: E402
+from training.search import ArchiveSearch  # noqa: E402
+from training.synthetic import synthetic_stream  # noqa: E402
+
+from .test_data import write_parquet  # noqa: E402
+
+ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, nano_config, processor):
+    folder = tmp_path_factory.mktemp("archive_model")
+    torch.manual_seed(0)
+    MedMoEModel(nano_config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return list(synthetic_stream(seed=11, num_shards=1, rows_per_shard=ROWS, image_size=64))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, phantoms):
+    """Phantoms as PNG files in nested modality folders, a DICOM without suffix, a compressed DICOM that cannot be
+    decoded here, and a broken PNG."""
+    root = tmp_path_factory.mktemp("archive")
+    for number, row in enumerate(phantoms):
+        folder = root / row["modality"] / ("older" if number % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{number:03d}.png")
+    shutil.copyfile(get_testdata_file("CT_small.dcm", download=False), root / "CT" / "series_1")
+    shutil.copyfile(get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False), root / "MRI" / "lossless.dcm")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def run_index(arguments):
+    return index_script.index_archive(index_script.parse_args(arguments))
+
+
+def test_a_folder_is_indexed_with_unreadable_files_counted(model_folder, image_folder, tmp_path):
+    out = tmp_path / "index"
+    info = run_index(["--model", str(model_folder), "--images", str(image_folder), "--output_dir", str(out)])
+    assert info["rows"] == ROWS + 1 and info["rows_read"] == ROWS + 3
+    assert info["skipped"] == {"undecodable_dicom": 1, "undecodable_image": 1}
+    searcher = ArchiveSearch(out, str(model_folder))
+    row = searcher.dataset[0]
+    assert set(row) >= {"id", "path", "embedding", "expert", "expert_index", "thumbnail", "folder"}
+    assert "CT/series_1" in set(searcher.dataset["id"]) and row["thumbnail"].startswith(b"\x89PNG")
+    hits = searcher.search(searcher.image_query(image_folder / "CT" / "series_1", window="lung"), k=3)
+    assert [hit["rank"] for hit in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+
+def test_search_equals_the_evaluation_modules_retrieval_and_survives_a_reload(
+    model_folder, phantoms, processor, nano_config, tmp_path
+):
+    """Text -> image search over the archive ranks images as training/evaluation.py ranks the same rows."""
+    from training import data
+    from training.embedding import embed_pairs
+    from training.evaluation import retrieval_ranks
+
+    write_parquet(phantoms, tmp_path / "rows.parquet")
+    out = tmp_path / "index"
+    run_index(["--model", str(model_folder), "--files", str(tmp_path / "*.parquet"), "--output_dir", str(out)])
+    stream, image_column, text_column = data.open_stream(
+        data.DataOptions(eval_files=str(tmp_path / "*.parquet")), "eval"
+    )
+    prepare = data.RowPreparer(processor, nano_config.expert_names, image_column, text_column)
+    batches = data.BatchStream(data.prepare_stream(stream, image_column=image_column), prepare,
+                               data.BatchCollator(processor), batch_size=16, drop_last=False)  # fmt: skip
+    model = MedMoEModel.from_pretrained(model_folder).eval()
+    embedded = embed_pairs(model, batches, torch.device("cpu"), show_progress=False)
+    text_to_image = embedded.text_embeds @ embedded.image_embeds.T  # the evaluation's similarity, transposed
+    ranks = retrieval_ranks(text_to_image, torch.eye(ROWS, dtype=torch.bool))["strict"]
+    searcher = ArchiveSearch(out, str(model_folder))
+    for query in (0, 7, 23):
+        hits = searcher.search(searcher.text_query(embedded.texts[query]), k=5)
+        expected = text_to_image[query].argsort(descending=True)[:5].tolist()
+        assert [hit["id"] for hit in hits] == [f"row-{row:09d}" for row in expected]
+        assert [hit["score"] for hit in hits] == pytest.approx(text_to_image[query][expected].tolist(), abs=1e-5)
+        true_rank = next((hit["rank"] for hit in hits if hit["id"] == f"row-{query:09d}"), None)
+        assert true_rank is None or true_rank == ranks[query]
+        assert hits[0]["modality"] == phantoms[expected[0]]["modality"]  # metadata columns come along
+    reloaded = ArchiveSearch(out, str(model_folder))
+    query = reloaded.text_query(embedded.texts[3])
+    assert [hit["id"] for hit in reloaded.search(query, k=5)] == [hit["id"] for hit in searcher.search(query, k=5)]
+
+
+def test_an_interrupted_run_resumes_to_the_same_index(model_folder, image_folder, tmp_path, monkeypatch):
+    arguments = ["--model", str(model_folder), "--images", str(image_folder), "--chunk_size", "8", "--batch_size", "4"]
+    complete = run_index([*arguments, "--output_dir", str(tmp_path / "complete")])
+    flush, calls = index_script.ChunkWriter.flush, []
+
+    def flush_then_crash(writer):
+        flush(writer)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(index_script.ChunkWriter, "flush", flush_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_index([*arguments, "--output_dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(index_script.ChunkWriter, "flush", flush)
+    progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
+    assert progress["chunks"] == 2 and 0 < progress["rows_read"] < ROWS
+    resumed = run_index([*arguments, "--output_dir", str(tmp_path / "resumed")])
+    assert {key: resumed[key] for key in ("rows", "rows_read", "skipped")} == {
+        key: complete[key] for key in ("rows", "rows_read", "skipped")
+    }
+    first, second = (ArchiveSearch(tmp_path / name, str(model_folder)).dataset for name in ("complete", "resumed"))
+    assert first["id"] == second["id"]
+    np.testing.assert_allclose(np.array(first["embedding"]), np.array(second["embedding"]), atol=1e-6)
+    with pytest.raises(ValueError, match="holds an index of another source"):
+        run_index([*arguments, "--output_dir", str(tmp_path / "resumed"), "--max_rows", "5"])
+
+
+def test_search_command_filters_by_expert_and_writes_a_contact_sheet(model_folder, image_folder, tmp_path, capsys):
+    out = tmp_path / "index"
+    run_index(["--model", str(model_folder), "--images", str(image_folder), "--output_dir", str(out)])
+    expert = ArchiveSearch(out, str(model_folder)).dataset["expert"][5]
+    sheet = tmp_path / "hits.png"
+    capsys.readouterr()
+    search_script.main(["--index", str(out), "--text", "Axial CT of the liver.", "--k", "4", "--expert", expert,
+                        "--contact_sheet", str(sheet), "--json"])  # fmt: skip
+    hits = json.loads(capsys.readouterr().out.split("Contact sheet")[0])
+    assert 1 <= len(hits) <= 4 and {hit["expert"] for hit in hits} == {expert}
+    from PIL import Image
+
+    with Image.open(sheet) as picture:
+        assert picture.width == 5 * 128
+    with pytest.raises(SystemExit, match="Unknown expert 'dermoscopy'"):
+        search_script.main(["--index", str(out), "--text", "x", "--expert", "dermoscopy"])

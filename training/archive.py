@@ -1,0 +1,149 @@
+"""An image archive embedded for search: where its rows come from, how they are embedded, and the folder an index
+lives in (training/index.py builds it, training/search.py queries it).
+
+    OUT/chunks/chunk-NNNNN.parquet   rows embedded so far, each chunk written atomically (kept for resuming)
+    OUT/progress.json                source rows read so far and skipped rows by reason, written after each chunk
+    OUT/dataset/                     the finished `datasets` dataset (save_to_disk): id, path, embedding, expert,
+                                     expert_index, thumbnail, and the source's metadata columns
+    OUT/embedding.faiss              its FAISS index on `embedding` (inner product = cosine similarity: the
+                                     embeddings are L2-normalised)
+    OUT/index_info.json              the model, the source, rows, skipped rows, dimension, index type, experts
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+
+from modeling_medmoe.dicom import is_dicom_file
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+INDEX_TYPES = ("flat", "ivf")
+FAISS_FILE = "embedding.faiss"
+INFO_FILE = "index_info.json"
+
+
+@dataclass
+class ArchiveRow:
+    """One image of the archive: `image` is anything the MedMoE image processor reads (a path, bytes, a PIL image,
+    a DICOM dataset); `path` is set when the image is a file that can be shown again later."""
+
+    id: str
+    image: object
+    path: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def folder_rows(folder: str | Path) -> Iterator[ArchiveRow]:
+    """Every image file under `folder` (nested; by suffix, or DICOM files without one), in sorted order; id = the
+    path relative to the folder, metadata `folder` = its sub-folder."""
+    root = Path(folder)
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        for name in sorted(files):
+            path = Path(directory) / name
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or (not suffix and is_dicom_file(path)):
+                relative = path.relative_to(root)
+                yield ArchiveRow(str(relative), str(path), str(path.resolve()), {"folder": str(relative.parent)})
+
+
+def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: str | None) -> Iterator[ArchiveRow]:
+    """Rows of a `datasets` stream; id = the id column's value or the row number; metadata = the other scalar
+    columns (text, labels, ...)."""
+    for number, row in enumerate(stream):
+        cell = row[image_column]
+        path = cell.get("path") if isinstance(cell, dict) else None
+        image = (cell.get("bytes") or path) if isinstance(cell, dict) else cell
+        metadata = {
+            key: value
+            for key, value in row.items()
+            if key not in (image_column, id_column) and isinstance(value, (str, int, float, bool, type(None)))
+        }
+        identifier = str(row[id_column]) if id_column else f"row-{number:09d}"
+        yield ArchiveRow(identifier, image, path if path and os.path.isfile(path) else None, metadata)
+
+
+def metadata_features(stream: datasets.IterableDataset | None, image_column: str, id_column: str | None) -> dict:
+    """The metadata columns' features: the stream's declared scalar features, or `folder` for a folder."""
+    if stream is None:
+        return {"folder": datasets.Value("string")}
+    declared = stream.features or {}
+    return {
+        name: feature
+        for name, feature in declared.items()
+        if name not in (image_column, id_column) and isinstance(feature, datasets.Value)
+    }
+
+
+def index_features(metadata: dict, dimension: int) -> datasets.Features:
+    """The schema of every chunk and of the finished dataset."""
+    return datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "path": datasets.Value("string"),
+            "embedding": datasets.Sequence(datasets.Value("float32"), length=dimension),
+            "expert": datasets.Value("string"),
+            "expert_index": datasets.Value("int32"),
+            "thumbnail": datasets.Value("binary"),
+            **metadata,
+        }
+    )
+
+
+def thumbnail_png(unit_image: torch.Tensor, size: int) -> bytes:
+    """[3, H, W] in [0, 1] -> PNG bytes of at most size x size pixels."""
+    from PIL import Image
+
+    pixels = (unit_image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    image = Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes())
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def embed_images(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values [B, 3, H, W] -> (L2-normalised image embeddings [B, P], chosen expert [B])."""
+    out = model(pixel_values=pixel_values.to(model.device, model.dtype))
+    return out.image_embeds.float().cpu(), out.expert_index.cpu()
+
+
+@torch.no_grad()
+def embed_query_text(model, tokenizer, text: str) -> torch.Tensor:
+    """A text query -> its L2-normalised embedding [P] (the same text tower as the archive's reports)."""
+    encoding = tokenizer([text], padding=True, truncation=True, return_tensors="pt")
+    out = model(
+        input_ids=encoding["input_ids"].to(model.device), attention_mask=encoding["attention_mask"].to(model.device)
+    )
+    return out.text_embeds[0].float().cpu()
+
+
+def read_json(path: Path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def write_json_atomically(path: Path, value) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def load_index(index_dir: Path) -> tuple[datasets.Dataset, dict]:
+    """The finished dataset with its FAISS index loaded, and index_info.json."""
+    info = read_json(index_dir / INFO_FILE)
+    if info is None or not (index_dir / FAISS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{index_dir} holds no finished index (no {INFO_FILE} / {FAISS_FILE}); run medmoe-index."
+        )
+    dataset = datasets.load_from_disk(str(index_dir / "dataset"))
+    dataset.load_faiss_index("embedding", str(index_dir / FAISS_FILE))
+    return dataset, info

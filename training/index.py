@@ -1,0 +1,275 @@
+"""Embed an image archive with a MedMoE model and build a FAISS index for text-to-image and image-to-image search.
+
+    medmoe-index --model outputs/medmoe-nano/model --images /archive/pacs-export --output_dir outputs/archive-index
+    medmoe-index --model ORG/NAME --files "scans/*.parquet" --output_dir OUT
+    medmoe-index --model ORG/NAME --dataset_name ORG/DATASET --split test --output_dir OUT
+
+A folder is read recursively (PNG, JPEG, TIFF, BMP, DICOM with or without the .dcm suffix); files and datasets
+stream. Images go through the model in batches (progress bar); each chunk of rows is written to OUT/chunks as it is
+finished, so an interrupted run started again with the same command resumes after the last chunk. Files that
+cannot be read or decoded are skipped and counted by reason. The result is a `datasets` dataset on disk (id, path,
+embedding, chosen expert, a thumbnail unless --thumbnail_size 0, the source's metadata columns) with a FAISS index
+(training/archive.py describes the folder); search it with medmoe-search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel
+
+from modeling_medmoe import MedMoEImageProcessor
+from training import archive
+from training import data as data_module
+
+CHUNK_PATTERN = "chunk-{:05d}.parquet"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a saved MedMoE folder or Hub id")
+    parser.add_argument("--output_dir", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
+    source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
+    source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
+    parser.add_argument("--split", default="train", help="the split of --dataset_name")
+    parser.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
+    parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
+    parser.add_argument("--window", help="DICOM / 16-bit display window: a CT preset (lung, brain, ...) or C,W")
+    parser.add_argument(
+        "--index",
+        choices=archive.INDEX_TYPES,
+        default="flat",
+        help="flat: exact search; ivf: approximate (inverted lists), faster on millions of rows",
+    )
+    parser.add_argument("--thumbnail_size", type=int, default=96, help="side of the stored thumbnails (0 = none)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--chunk_size", type=int, default=1024, help="rows per chunk written (the resume unit)")
+    parser.add_argument("--max_rows", type=int, help="index at most this many source rows")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.window and "," in args.window:
+        args.window = tuple(float(part) for part in args.window.split(","))
+    return args
+
+
+def source_description(args: argparse.Namespace) -> dict:
+    """What was indexed, to tell a resume of the same run from a different one."""
+    return {
+        "images": str(args.images.resolve()) if args.images else None,
+        "files": args.files,
+        "dataset_name": args.dataset_name,
+        "split": args.split if args.dataset_name else None,
+        "image_column": args.image_column,
+        "id_column": args.id_column,
+        "window": list(args.window) if isinstance(args.window, tuple) else args.window,
+        "max_rows": args.max_rows,
+    }
+
+
+def open_source(args: argparse.Namespace):
+    """(rows, metadata features) of the archive."""
+    if args.images is not None:
+        if not args.images.is_dir():
+            raise FileNotFoundError(f"No folder at {args.images}.")
+        return archive.folder_rows(args.images), archive.metadata_features(None, "", None)
+    if args.files:
+        stream = data_module.files_stream(args.files)
+    else:
+        stream = data_module.hub_or_folder_stream(args.dataset_name, args.split, "train")
+    image_column = data_module.detect_column(stream, args.image_column, "image")
+    if isinstance((stream.features or {}).get(image_column), datasets.Image):
+        stream = stream.cast_column(image_column, datasets.Image(decode=False))
+    rows = archive.stream_rows(stream, image_column, args.id_column)
+    return rows, archive.metadata_features(stream, image_column, args.id_column)
+
+
+class ChunkWriter:
+    """Collects embedded rows and writes them to OUT/chunks in chunks of `chunk_size`, updating the progress file
+    after each one, so that a restart loses at most the rows of an unfinished chunk."""
+
+    def __init__(self, output_dir: Path, features: datasets.Features, progress: dict, chunk_size: int):
+        self.chunks_dir = output_dir / "chunks"
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.progress_path = output_dir / "progress.json"
+        self.features, self.progress, self.chunk_size = features, progress, chunk_size
+        self.records: list[dict] = []
+        self.rows_read_since_chunk = 0
+        self.skipped_since_chunk: Counter = Counter()
+
+    def add(self, records: list[dict], rows_read: int, skipped: Counter) -> None:
+        self.records.extend(records)
+        self.rows_read_since_chunk += rows_read
+        self.skipped_since_chunk += skipped
+        if len(self.records) >= self.chunk_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows_read_since_chunk == 0:
+            return
+        if self.records:
+            path = self.chunks_dir / CHUNK_PATTERN.format(self.progress["chunks"])
+            temporary = path.with_suffix(".tmp")
+            datasets.Dataset.from_list(self.records, features=self.features).to_parquet(str(temporary))
+            temporary.replace(path)
+            self.progress["chunks"] += 1
+        self.progress["rows_read"] += self.rows_read_since_chunk
+        self.progress["skipped"] = dict(Counter(self.progress["skipped"]) + self.skipped_since_chunk)
+        archive.write_json_atomically(self.progress_path, self.progress)
+        self.records, self.rows_read_since_chunk, self.skipped_since_chunk = [], 0, Counter()
+
+
+def embed_archive(args, model, image_processor, rows, writer: ChunkWriter, skip: int) -> None:
+    """Read, prepare, embed and hand to `writer` every source row after the first `skip`."""
+    expert_names = model.config.expert_names
+    batch, bar = [], tqdm(desc="embedding", unit="image", initial=skip)
+    for number, row in enumerate(rows):
+        if args.max_rows is not None and number >= args.max_rows:
+            break
+        if number < skip:
+            continue
+        batch.append(row)
+        if len(batch) == args.batch_size:
+            embed_batch(batch, model, image_processor, args, writer, expert_names)
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        embed_batch(batch, model, image_processor, args, writer, expert_names)
+        bar.update(len(batch))
+    bar.close()
+    writer.flush()
+
+
+def embed_batch(rows, model, image_processor, args, writer: ChunkWriter, expert_names) -> None:
+    """Prepare each row (skipping and counting the unreadable ones), embed the rest, give them to the writer."""
+    pixels, kept, thumbnails, skipped = [], [], [], Counter()
+    for row in rows:
+        try:
+            unit = image_processor.to_display(row.image, window=args.window)  # decoded and windowed once
+        except FileNotFoundError:
+            skipped["missing_file"] += 1
+            continue
+        except (ValueError, OSError) as error:
+            skipped["undecodable_dicom" if "DICOM" in str(error) else "undecodable_image"] += 1
+            continue
+        pixels.append(image_processor.unit_to_model_input(unit))
+        kept.append(row)
+        thumbnails.append(archive.thumbnail_png(unit, args.thumbnail_size) if args.thumbnail_size else None)
+    records = []
+    if kept:
+        embeddings, experts = archive.embed_images(model, torch.stack(pixels))
+        for row, embedding, expert, thumbnail in zip(kept, embeddings, experts.tolist(), thumbnails):
+            records.append(
+                {
+                    "id": row.id,
+                    "path": row.path,
+                    "embedding": embedding.tolist(),
+                    "expert": expert_names[expert],
+                    "expert_index": expert,
+                    "thumbnail": thumbnail,
+                    **row.metadata,
+                }
+            )
+    writer.add(records, len(rows), skipped)
+
+
+def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, float]:
+    """Concatenate the chunks into OUT/dataset and build and save its FAISS index; returns it and the seconds the
+    index took to build."""
+    import faiss
+
+    chunks = sorted(str(path) for path in (output_dir / "chunks").glob("chunk-*.parquet"))
+    if not chunks:
+        raise ValueError("No image could be embedded; see the skipped rows in progress.json.")
+    dataset = datasets.Dataset.from_parquet(chunks)
+    dataset_dir = output_dir / "dataset"
+    if dataset_dir.exists():
+        shutil.rmtree(dataset_dir)
+    dataset.save_to_disk(str(dataset_dir))
+    dataset = datasets.load_from_disk(str(dataset_dir))
+    start = time.perf_counter()
+    if index_type == "ivf" and len(dataset) >= 256:
+        lists = max(1, int(4 * math.sqrt(len(dataset))))
+        dataset.add_faiss_index(
+            "embedding", string_factory=f"IVF{lists},Flat", metric_type=faiss.METRIC_INNER_PRODUCT,
+            train_size=min(len(dataset), 64 * lists),
+        )  # fmt: skip
+        dataset.get_index("embedding").faiss_index.nprobe = max(1, lists // 16)
+    else:
+        dataset.add_faiss_index("embedding", metric_type=faiss.METRIC_INNER_PRODUCT)
+    seconds = time.perf_counter() - start
+    dataset.save_faiss_index("embedding", str(output_dir / archive.FAISS_FILE))
+    return dataset, seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        sys.exit('medmoe-index needs faiss: pip install -e ".[search]" (or pip install faiss-cpu).')
+    try:
+        index_archive(args)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+def index_archive(args: argparse.Namespace) -> dict:
+    """Embed the archive `args` names into args.output_dir (resuming a run cut short) and index it; returns
+    index_info.json's content."""
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
+    # this package's image processor with the folder's saved settings: it reads DICOM whatever the folder's code age
+    image_processor = MedMoEImageProcessor.from_pretrained(args.model)
+    source = source_description(args)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    progress = archive.read_json(args.output_dir / "progress.json")
+    if progress is not None and (progress["source"] != source or progress["model"] != args.model):
+        raise ValueError(
+            f"{args.output_dir} holds an index of another source or model ({progress['source']}, {progress['model']});"
+            " pass another --output_dir, or delete it to start again."
+        )
+    if progress is None:
+        progress = {"model": args.model, "source": source, "rows_read": 0, "chunks": 0, "skipped": {}}
+    elif progress["rows_read"]:
+        print(f"Resuming after {progress['rows_read']} rows ({progress['chunks']} chunks) in {args.output_dir}.")
+    rows, metadata = open_source(args)
+    features = archive.index_features(metadata, model.config.projection_dim)
+    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size)
+    start = time.perf_counter()
+    embed_archive(args, model, image_processor, rows, writer, skip=progress["rows_read"])
+    embed_seconds = time.perf_counter() - start
+    dataset, index_seconds = build_index(args.output_dir, args.index)
+    info = {
+        "model": args.model,
+        "source": source,
+        "rows": len(dataset),
+        "rows_read": progress["rows_read"],
+        "skipped": progress["skipped"],
+        "dimension": model.config.projection_dim,
+        "index": args.index,
+        "expert_names": list(model.config.expert_names),
+        "window": source["window"],
+        "embed_seconds_this_run": round(embed_seconds, 2),
+        "index_build_seconds": round(index_seconds, 3),
+    }
+    archive.write_json_atomically(args.output_dir / archive.INFO_FILE, info)
+    skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(progress["skipped"].items())) or "none"
+    print(f"Indexed {len(dataset)} images ({args.index} index); skipped: {skipped}.")
+    print(
+        f"Index: {args.output_dir} (dataset/, {archive.FAISS_FILE}, {archive.INFO_FILE}); search it with medmoe-search."
+    )
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Search an archive indexed by medmoe-index with a text query or an example image.
+
+    medmoe-search --index outputs/archive-index --text "axial CT with a hypodense liver lesion" --k 10
+    medmoe-search --index outputs/archive-index --image query.dcm --window lung --expert CT --contact_sheet hits.png
+
+Prints the top-k rows (rank, cosine similarity, id, the expert that embedded the image, path) and, with
+--contact_sheet, writes a PNG grid of the hits. The model is the one the index was built with (index_info.json),
+unless --model names another with the same embedding space. --expert keeps only images routed to that expert
+(e.g. the modality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from modeling_medmoe import MedMoEImageProcessor
+from training import archive
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True, type=Path, help="the folder medmoe-index wrote")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query (a report-like sentence works best)")
+    query.add_argument("--image", help="an example image or DICOM file")
+    parser.add_argument("--k", type=int, default=10, help="how many rows to return")
+    parser.add_argument("--expert", help="only images routed to this expert (one of the model's expert names)")
+    parser.add_argument("--window", help="DICOM window of the query image: a CT preset or C,W")
+    parser.add_argument("--contact_sheet", type=Path, help="write a PNG grid of the hits here")
+    parser.add_argument("--json", action="store_true", help="print the hits as JSON instead of a table")
+    parser.add_argument("--model", help="default: the model the index was built with")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.window and "," in args.window:
+        args.window = tuple(float(part) for part in args.window.split(","))
+    return args
+
+
+class ArchiveSearch:
+    """An index folder, its model and processor: queries in, ranked rows out."""
+
+    def __init__(self, index_dir: Path, model_name: str | None = None, device: str = "cpu"):
+        self.dataset, self.info = archive.load_index(index_dir)
+        model_name = model_name or self.info["model"]
+        self.model = AutoModel.from_pretrained(model_name, trust_remote_code=True).to(device).eval()
+        self.image_processor = MedMoEImageProcessor.from_pretrained(model_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
+        if self.model.config.projection_dim != self.info["dimension"]:
+            raise ValueError(f"{model_name} embeds in {self.model.config.projection_dim} dimensions; the index holds "
+                             f"{self.info['dimension']}.")  # fmt: skip
+
+    def text_query(self, text: str) -> torch.Tensor:
+        return archive.embed_query_text(self.model, self.tokenizer, text)
+
+    def image_query(self, image, window=None) -> torch.Tensor:
+        pixel_values = self.image_processor(images=[image], window=window)["pixel_values"]
+        return archive.embed_images(self.model, pixel_values)[0][0]
+
+    def search(self, query: torch.Tensor, k: int, expert: str | None = None) -> list[dict]:
+        """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`.
+        Each hit is the row (without its embedding) with `score` and `rank`."""
+        if expert is not None and expert not in self.info["expert_names"]:
+            raise ValueError(f"Unknown expert {expert!r}; the model's experts are {self.info['expert_names']}.")
+        total = len(self.dataset)
+        wanted = min(k if expert is None else 4 * k, total)
+        while True:  # with a filter, widen the search until k hits pass it or the archive is exhausted
+            scores, rows = self.dataset.get_nearest_examples("embedding", query.numpy().astype(np.float32), k=wanted)
+            hits = [
+                {"score": float(score), **{key: rows[key][position] for key in rows if key != "embedding"}}
+                for position, score in enumerate(scores)
+            ]
+            if expert is not None:
+                hits = [hit for hit in hits if hit["expert"] == expert]
+            if len(hits) >= k or wanted >= total:
+                return [{"rank": rank, **hit} for rank, hit in enumerate(hits[:k], start=1)]
+            wanted = min(2 * wanted, total)
+
+
+def contact_sheet(hits: list[dict], path: Path, tile: int = 128, columns: int = 5) -> None:
+    """A PNG grid of the hits' images (their files, else their stored thumbnails), captioned rank, score and id."""
+    from PIL import Image, ImageDraw
+
+    caption_height = 28
+    rows = max(1, -(-len(hits) // columns))
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, hit in enumerate(hits):
+        picture = hit_picture(hit)
+        scale = tile / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
+        left, top = (index % columns) * tile, (index // columns) * (tile + caption_height)
+        sheet.paste(picture, (left + (tile - picture.width) // 2, top + (tile - picture.height) // 2))
+        draw.text((left + 3, top + tile + 2), f"#{hit['rank']} {hit['score']:.3f} {hit['expert']}", fill="black")
+        draw.text((left + 3, top + tile + 14), str(hit["id"])[-22:], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def hit_picture(hit: dict):
+    """The hit as a PIL image: its stored thumbnail, else its file (DICOM through the percentile window)."""
+    import io
+
+    from PIL import Image
+
+    if hit.get("thumbnail"):
+        return Image.open(io.BytesIO(hit["thumbnail"])).convert("RGB")
+    if hit.get("path"):
+        unit = MedMoEImageProcessor().to_display(hit["path"])
+        return Image.fromarray((unit.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    return Image.new("RGB", (64, 64), "lightgray")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        searcher = ArchiveSearch(args.index, args.model, args.device)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    try:
+        query = searcher.text_query(args.text) if args.text else searcher.image_query(args.image, args.window)
+        hits = searcher.search(query, args.k, args.expert)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    shown = [{key: value for key, value in hit.items() if key != "thumbnail"} for hit in hits]
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        for hit in shown:
+            print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {hit['id']}  {hit.get('path') or ''}")
+    if args.contact_sheet:
+        contact_sheet(hits, args.contact_sheet)
+        print(f"Contact sheet: {args.contact_sheet}")
+
+
+if __name__ == "__main__":
+    main()
