@@ -75,11 +75,13 @@ class MixtureOfModalityExperts(nn.Module):
     back in batch order, so each sample runs through its chosen expert only. `dense` runs every expert on every
     sample and keeps the chosen output (the authors' implementation; K times the head cost, kept for comparison).
 
-    The choice is an index, so no gradient reaches the router through the experts: the router learns from the
-    report-type cross-entropy (and the optional load-balancing loss) only. The authors scale the output by the
-    gate, p / stop_gradient(p); the global loss sees an L2-normalised embedding, blind to that scale, so its
-    gradient to the router was about 2e-6 at initialisation, and the scale overflowed to NaN when a forced
-    expert's probability underflowed.
+    As in the authors' code, the chosen expert's output is scaled by its gate probability as p / stop_gradient(p):
+    1 in value, but the router receives the gradient of the output's scale. What that scale tells the router is
+    little: the global loss compares L2-normalised embeddings, blind to the scale (about 2e-6 at initialisation);
+    only the local loss, whose word-region attention is scale-sensitive, gives it a gradient, and, through the
+    router's input, so does the backbone's last level. What teaches routing is the report-type cross-entropy. The
+    scale is computed as exp(log p - stop_gradient(log p)), finite where p underflows to 0 (a forced expert the
+    router rules out). Without the scale, held-out R@5 of the nano main job was 0.008 lower on average (3 seeds).
     """
 
     def __init__(self, level_channels: list[int], num_experts: int, config: MedMoEVisionConfig):
@@ -88,14 +90,21 @@ class MixtureOfModalityExperts(nn.Module):
         self.dispatch = config.expert_dispatch
 
     def forward(
-        self, levels: list[torch.Tensor], expert_index: torch.Tensor, grid_size: tuple[int, int]
+        self,
+        levels: list[torch.Tensor],
+        expert_index: torch.Tensor,
+        gate_log_probability: torch.Tensor,
+        grid_size: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """levels: 4 maps [batch, C_l, H_l, W_l]; expert_index: [batch].
+        """levels: 4 maps [batch, C_l, H_l, W_l]; expert_index, gate_log_probability (log p of the chosen expert):
+        [batch].
 
         Returns (local map [batch, D, h, w], scale attention [batch, levels, h, w]).
         """
         run = self.run_dense if self.dispatch == "dense" else self.run_sparse
-        return run(levels, expert_index, grid_size)
+        local_map, scale_attention = run(levels, expert_index, grid_size)
+        straight_through = (gate_log_probability - gate_log_probability.detach()).exp()  # p / sg(p), never 0 / 0
+        return local_map * straight_through.to(local_map.dtype)[:, None, None, None], scale_attention
 
     def run_sparse(self, levels, expert_index, grid_size):
         order = torch.argsort(expert_index, stable=True)

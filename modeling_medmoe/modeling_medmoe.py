@@ -150,9 +150,11 @@ class MedMoEPreTrainedModel(PreTrainedModel):
         """
         levels = self.vision_pyramid(pixel_values)
         router_logits = self.image_router(levels[-1].mean(dim=(2, 3)))
+        log_probabilities = self.routing_logits(router_logits, text_router_logits).float().log_softmax(dim=-1)
         if expert_index is None:
-            expert_index = self.routing_logits(router_logits, text_router_logits).argmax(dim=-1)
-        local_map, scale_attention = self.experts(levels, expert_index, self.local_grid_size)
+            expert_index = log_probabilities.argmax(dim=-1)
+        gate_log_probability = log_probabilities.gather(1, expert_index[:, None]).squeeze(1)
+        local_map, scale_attention = self.experts(levels, expert_index, gate_log_probability, self.local_grid_size)
         regions = local_map.flatten(2).transpose(1, 2)  # [B, h * w, D]
         return ImageEncoding(
             image_embeds=self.image_projection(regions.mean(dim=1)),

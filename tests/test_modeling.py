@@ -75,20 +75,22 @@ def router_gradients(model, batch, **weights) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in routers]
 
 
-def test_only_the_report_type_losses_train_the_routers(model, batch):
-    """The expert choice is an index: the contrastive losses (global and local) give the routers no gradient; the
-    report-type cross-entropies (text router) and the router loss (image router) do."""
-    silent = router_gradients(model, batch, router_loss_weight=0.0, report_type_loss_weight=0.0)
-    assert all(gradient.abs().sum() == 0 for gradient in silent)
-    trained = router_gradients(model, batch, router_loss_weight=1.0, report_type_loss_weight=1.0)
-    image_router, text_router = trained[:4], trained[4:]
-    assert all(gradient.abs().sum() > 0 for gradient in image_router + text_router)
-    # exactly the cross-entropies' gradients: switching the contrastive losses off changes nothing
-    alone = router_gradients(
-        model, batch, global_loss_weight=0.0, local_loss_weight=0.0, router_loss_weight=1.0, report_type_loss_weight=1.0
-    )
-    for with_contrastive, without in zip(trained, alone):
-        torch.testing.assert_close(with_contrastive, without)
+def test_what_trains_the_routers(model, batch):
+    """The global loss gives the image router almost no gradient (the image embedding is L2-normalised, blind to the
+    gate scale); the local loss gives it one through the scale; the report-type cross-entropies train both routers
+    (the text router from nothing else)."""
+    off = {"router_loss_weight": 0.0, "report_type_loss_weight": 0.0}
+    global_only = router_gradients(model, batch, local_loss_weight=0.0, **off)
+    assert max(gradient.abs().max() for gradient in global_only) < 1e-5
+    with_local = router_gradients(model, batch, local_loss_weight=1.0, **off)
+    assert max(gradient.abs().max() for gradient in with_local[:4]) > 1e-3
+    assert all(gradient.abs().sum() == 0 for gradient in with_local[4:])
+    on = {"router_loss_weight": 1.0, "report_type_loss_weight": 1.0}
+    supervised = router_gradients(model, batch, local_loss_weight=0.0, global_loss_weight=1.0, **on)
+    alone = router_gradients(model, batch, local_loss_weight=0.0, global_loss_weight=0.0, **on)
+    assert min(gradient.abs().max() for gradient in supervised) > 1e-3
+    for with_global, without in zip(supervised, alone):  # the global loss adds nothing measurable
+        torch.testing.assert_close(with_global, without, atol=1e-5, rtol=0)
 
 
 def test_forcing_an_expert_the_router_rules_out_stays_finite(model, batch):
@@ -155,11 +157,12 @@ def test_text_routed_config_trains_the_image_router_on_the_report_type(nano_conf
 
 
 def test_image_classifier_works_with_a_text_routed_config(nano_config, batch):
-    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text", "num_labels": 3})
+    labels = {"id2label": {0: "CT", 1: "MRI", 2: "X-ray"}, "label2id": {"CT": 0, "MRI": 1, "X-ray": 2}}
+    config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text", **labels})
     model = MedMoEForImageClassification(config)
     out = model(pixel_values=batch["pixel_values"], labels=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     out.loss.backward()
-    assert out.logits.shape == (8, 3) and model.image_router[0].weight.grad is None
+    assert out.logits.shape == (8, 3) and torch.isfinite(out.loss)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
