@@ -13,7 +13,9 @@ from modeling_medmoe.losses import local_contrastive_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["local_loss", "moe_dispatch", "data_pipeline", "pretrain_throughput"])
+@pytest.mark.parametrize(
+    "script", ["local_loss", "moe_dispatch", "data_pipeline", "pretrain_throughput", "archive_search"]
+)
 def test_benchmark_has_help_and_quick(script):
     completed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
@@ -126,3 +128,22 @@ def test_open_clip_baseline_trains_and_is_scored_by_the_evaluation_code(tiny_rea
         assert 0 <= metrics[name] <= 1, name
     assert "linear_probe_label/accuracy_100%" in metrics
     assert (output_dir / "model.safetensors").is_file()
+
+
+def test_archive_index_benchmark_scores_the_approximate_index_against_flat():
+    pytest.importorskip("faiss")
+    from benchmarks.archive_search import index_figures
+
+    figures = index_figures(3000)
+    assert figures["flat"]["query_ms"] > 0 and figures["ivf"]["build_s"] > 0
+    assert 0.5 < figures["ivf_recall_at_10"] <= 1.0  # clustered vectors: IVF finds most of the exact neighbours
+
+
+def test_report_type_benchmark_scores_the_labeller_against_the_modality_column(tiny_realmed, capsys):
+    from benchmarks import report_types
+
+    results = report_types.main(["--data", str(tiny_realmed)])
+    assert results["report_type_train_coverage"] > 0.5  # phantom reports name their modality
+    assert results["report_type_eval_precision"] == 1.0
+    assert report_types.main(["--data", str(tiny_realmed / "absent")]) == {}
+    assert "nothing to measure" in capsys.readouterr().out

@@ -186,8 +186,6 @@ def embed_batch(rows, model, image_processor, args, writer: ChunkWriter, expert_
 def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, float]:
     """Concatenate the chunks into OUT/dataset and build and save its FAISS index; returns it and the seconds the
     index took to build."""
-    import faiss
-
     chunks = sorted(str(path) for path in (output_dir / "chunks").glob("chunk-*.parquet"))
     if not chunks:
         raise ValueError("No image could be embedded; see the skipped rows in progress.json.")
@@ -197,6 +195,16 @@ def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, fl
         shutil.rmtree(dataset_dir)
     dataset.save_to_disk(str(dataset_dir))
     dataset = datasets.load_from_disk(str(dataset_dir))
+    seconds = add_faiss_index(dataset, index_type)
+    dataset.save_faiss_index("embedding", str(output_dir / archive.FAISS_FILE))
+    return dataset, seconds
+
+
+def add_faiss_index(dataset: datasets.Dataset, index_type: str) -> float:
+    """Add a FAISS inner-product index on `embedding` (flat: exact; ivf: 4 sqrt(rows) inverted lists, trained on
+    up to 64 rows per list, searching 1/16 of them); returns the seconds it took. Under 256 rows ivf is flat."""
+    import faiss
+
     start = time.perf_counter()
     if index_type == "ivf" and len(dataset) >= 256:
         lists = max(1, int(4 * math.sqrt(len(dataset))))
@@ -207,9 +215,7 @@ def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, fl
         dataset.get_index("embedding").faiss_index.nprobe = max(1, lists // 16)
     else:
         dataset.add_faiss_index("embedding", metric_type=faiss.METRIC_INNER_PRODUCT)
-    seconds = time.perf_counter() - start
-    dataset.save_faiss_index("embedding", str(output_dir / archive.FAISS_FILE))
-    return dataset, seconds
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
