@@ -201,13 +201,14 @@ def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, fl
 
 
 def add_faiss_index(dataset: datasets.Dataset, index_type: str) -> float:
-    """Add a FAISS inner-product index on `embedding` (flat: exact; ivf: 4 sqrt(rows) inverted lists, trained on
-    up to 64 rows per list, searching 1/16 of them); returns the seconds it took. Under 256 rows ivf is flat."""
+    """Add a FAISS inner-product index on `embedding` (flat: exact; ivf: 4 sqrt(rows) inverted lists, at most one
+    per 39 rows (faiss's minimum for training), trained on up to 64 rows per list, searching 1/16 of them); returns
+    the seconds it took. Under 256 rows ivf is flat."""
     import faiss
 
     start = time.perf_counter()
     if index_type == "ivf" and len(dataset) >= 256:
-        lists = max(1, int(4 * math.sqrt(len(dataset))))
+        lists = max(1, min(int(4 * math.sqrt(len(dataset))), len(dataset) // 39))
         dataset.add_faiss_index(
             "embedding", string_factory=f"IVF{lists},Flat", metric_type=faiss.METRIC_INNER_PRODUCT,
             train_size=min(len(dataset), 64 * lists),
