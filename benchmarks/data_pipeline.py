@@ -47,13 +47,23 @@ def write_parquet(folder: Path, rows: int, image_size: int, shards: int = 4) -> 
     return phantoms
 
 
+def training_loader(files: str, processor, config, batch_size: int, workers: int):
+    """The pretraining data path over `files`: the loader every script builds (training mode, no shuffle)."""
+    return data_module.build_loader(
+        data_module.files_stream(files),
+        processor,
+        image_column="image",
+        text_column="text",
+        batch_size=batch_size,
+        training=True,
+        expert_names=config.expert_names,
+        num_workers=workers,
+    )
+
+
 def data_rate(files: str, processor, config, batch_size: int, workers: int, batches: int) -> float:
     """Images/s of the training data path (stream -> decode -> transform -> batch) with `workers` workers."""
-    stream = data_module.prepare_stream(data_module.files_stream(files), image_column="image")
-    prepare = data_module.RowPreparer(processor, config.expert_names, "image", "text")
-    loader = data_module.make_dataloader(
-        data_module.BatchStream(stream, prepare, data_module.BatchCollator(processor), batch_size), workers
-    )
+    loader = training_loader(files, processor, config, batch_size, workers)
     iterator = iter(loader)
     next(iterator)  # start-up (worker launch, first file open) is not throughput
     start, images = time.perf_counter(), 0
@@ -87,19 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             processor = MedMoEProcessor(MedMoEImageProcessor(size={"height": side, "width": side}), tokenizer)
             files = str(Path(folder) / "*.parquet")
             rates = [data_rate(files, processor, config, batch_size, workers, batches) for workers in (0, 1, 2)]
-            batch = next(
-                iter(
-                    data_module.make_dataloader(
-                        data_module.BatchStream(
-                            data_module.prepare_stream(data_module.files_stream(files), image_column="image"),
-                            data_module.RowPreparer(processor, config.expert_names, "image", "text"),
-                            data_module.BatchCollator(processor),
-                            batch_size,
-                        ),
-                        0,
-                    )
-                )
-            )
+            batch = next(iter(training_loader(files, processor, config, batch_size, workers=0)))
             training = train_rate(MedMoEModel(config).train(), batch, 2 if args.quick else 4)
         ratios[preset] = max(rates) / training
         rows.append(

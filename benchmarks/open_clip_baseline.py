@@ -129,14 +129,18 @@ class OpenClipForEvaluation(torch.nn.Module):
 def train(args, model, processor, tokenizer) -> dict:
     options = data_module.DataOptions.from_args(args)
     stream, image_column, text_column = data_module.open_stream(options, "train")
-    prepared = data_module.prepare_stream(
-        stream, image_column=image_column, shuffle_seed=args.seed, shuffle_buffer=args.shuffle_buffer
+    loader = data_module.build_loader(
+        stream,
+        processor,
+        image_column=image_column,
+        text_column=text_column,
+        batch_size=args.per_device_train_batch_size,
+        training=True,
+        max_length=args.max_length,
+        num_workers=args.num_workers,
+        shuffle_seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer,
     )
-    prepare = data_module.RowPreparer(processor, [], image_column, text_column, None)
-    batches = data_module.BatchStream(
-        prepared, prepare, data_module.BatchCollator(processor, args.max_length), args.per_device_train_batch_size
-    )
-    loader = data_module.make_dataloader(batches, args.num_workers)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler("cosine", optimizer, args.warmup_steps, args.max_steps)
     loss_function = ClipLoss()
@@ -148,7 +152,7 @@ def train(args, model, processor, tokenizer) -> dict:
     bar = tqdm(total=args.max_steps, desc="open_clip pretraining")
     model.train()
     while step < args.max_steps and time.monotonic() < deadline:
-        prepared.set_epoch(epoch)
+        loader.dataset.stream.set_epoch(epoch)
         for batch in loader:
             if "pixel_values" not in batch:
                 continue

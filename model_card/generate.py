@@ -15,21 +15,17 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoModel, AutoProcessor
 
-if __package__ in (None, ""):  # `python model_card/generate.py` runs this file as a script
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from modeling_medmoe.zero_shot import DEFAULT_PROMPT_TEMPLATES  # noqa: E402
-from training.synthetic import make_phantom  # noqa: E402
+from modeling_medmoe.zero_shot import DEFAULT_PROMPT_TEMPLATES
 
 TEMPLATE = Path(__file__).with_name("template.md")
 HANDLER = Path(__file__).with_name("handler.py")
-EXAMPLE_MODALITIES = ("X-ray", "CT", "fundus")
-EXAMPLE_SEED = 2025
+# Synthetic phantoms shipped as files (no licence or privacy burden, whatever data a model was trained on).
+EXAMPLES_DIR = Path(__file__).with_name("examples")
+EXAMPLES = {"xray.png": "X-ray", "ct.png": "CT", "fundus.png": "fundus"}  # file -> what it shows
 TAGS = ["medical", "mixture-of-experts", "clip", "custom_code", "vision-language", "zero-shot-image-classification"]
 SYNTHETIC_NOTE = (
     "**Demonstration model.** It was pretrained on the built-in `synthetic` stream of procedural phantoms, so it "
@@ -38,11 +34,11 @@ SYNTHETIC_NOTE = (
 
 
 def write_examples(model_dir: Path, repo_id: str) -> list[dict]:
-    """Save phantom example images into model_dir/examples and score them with the folder's own model.
+    """Copy the example phantoms (model_card/examples) into model_dir/examples and score them with the folder's own
+    model.
 
     Returns widget entries (image, candidate labels, and the scores this model gives them): the Hub's free
-    inference does not run custom code, so the card shows real outputs instead. Phantoms carry no licence or
-    privacy burden, whatever data the model was trained on.
+    inference does not run custom code, so the card shows real outputs instead.
     """
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
@@ -50,12 +46,10 @@ def write_examples(model_dir: Path, repo_id: str) -> list[dict]:
     examples_dir = model_dir / "examples"
     examples_dir.mkdir(exist_ok=True)
     widget = []
-    for index, modality in enumerate(EXAMPLE_MODALITIES):
-        phantom = make_phantom(np.random.default_rng(EXAMPLE_SEED + index), image_size=128, modality=modality)
-        name = f"{modality.lower().replace('-', '')}.png"
-        phantom["image"].save(examples_dir / name)
+    for name, modality in EXAMPLES.items():
+        shutil.copyfile(EXAMPLES_DIR / name, examples_dir / name)
         with torch.no_grad():
-            image_embeds = model.get_image_features(**processor(images=[phantom["image"]])).pooler_output
+            image_embeds = model.get_image_features(**processor(images=[str(examples_dir / name)])).pooler_output
             class_embeds = model.get_zero_shot_class_embeddings(processor.tokenizer, labels)
             scores = model.zero_shot_probabilities(image_embeds, class_embeds)[0].tolist()
         hub_file = "/" in repo_id and not Path(repo_id).exists()

@@ -202,3 +202,14 @@ def test_demo_prediction_gives_scores_expert_and_overlay(card_folder, nano_confi
     assert list(scores) == ["fundus", "CT", "X-ray"] and abs(sum(scores.values()) - 1) < 1e-5
     assert expert in nano_config.expert_names
     assert picture.size == image.size and picture.mode == "RGB"
+
+
+def test_release_code_imports_nothing_from_training():
+    """model_card/ ships with models and Spaces: it may use the model package, never the training code."""
+    import ast
+
+    for path in (ROOT / "model_card").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        assert not [name for name in modules if name.split(".")[0] == "training"], path.name

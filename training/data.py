@@ -368,3 +368,44 @@ def make_dataloader(batch_stream: BatchStream, num_workers: int, in_order: bool 
         prefetch_factor=4 if workers else None,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def build_loader(
+    stream: datasets.IterableDataset,
+    processor: MedMoEProcessor,
+    *,
+    image_column: str,
+    text_column: str,
+    batch_size: int,
+    training: bool,
+    expert_names: list[str] | tuple[str, ...] = (),
+    report_type_column: str | None = None,
+    metadata_columns: tuple[str, ...] = (),
+    max_length: int = 128,
+    num_workers: int = 2,
+    process_index: int = 0,
+    num_processes: int = 1,
+    shuffle_seed: int | None = None,
+    shuffle_buffer: int = 1000,
+    max_rows: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """The one way a stream becomes batches, for every script and benchmark.
+
+    Training (`training=True`): this process's part of the stream, shuffled when `shuffle_seed` is given, full
+    batches only. Evaluation: the first `max_rows` rows in stream order, every row. `metadata_columns` that the
+    stream has are kept in `batch["metadata"]`.
+    """
+    prepared = prepare_stream(
+        stream,
+        image_column=image_column,
+        process_index=process_index,
+        num_processes=num_processes,
+        shuffle_seed=shuffle_seed if training else None,
+        shuffle_buffer=shuffle_buffer,
+        max_rows=max_rows,
+    )
+    columns = stream_columns(stream) if metadata_columns else {}
+    present = tuple(dict.fromkeys(column for column in metadata_columns if column in columns))
+    prepare = RowPreparer(processor, list(expert_names), image_column, text_column, report_type_column, present)
+    batches = BatchStream(prepared, prepare, BatchCollator(processor, max_length), batch_size, drop_last=training)
+    return make_dataloader(batches, num_workers, in_order=not training)

@@ -158,25 +158,34 @@ def main(argv: list[str] | None = None) -> dict:
     expert_names = list((model.get_base_model() if args.lora else model).config.expert_names)
     keep = (args.label_column,) if args.task == "classification" else ()
 
-    def loader(which: str, batch_size: int, **kwargs):
-        stream = train_stream if which == "train" else data_module.load_stream(options, "eval")
-        prepared = data_module.prepare_stream(stream, image_column=image_column, **kwargs)
-        prepare = data_module.RowPreparer(
-            processor, expert_names, image_column, text_column, args.report_type_column, metadata_columns=keep
-        )
-        collate = data_module.BatchCollator(processor, args.max_length)
-        batches = data_module.BatchStream(prepared, prepare, collate, batch_size, drop_last=which == "train")
-        return data_module.make_dataloader(batches, args.num_workers, in_order=which == "eval")
-
-    train_loader = loader(
-        "train",
-        args.per_device_train_batch_size,
+    shared = {
+        "image_column": image_column,
+        "text_column": text_column,
+        "expert_names": expert_names,
+        "report_type_column": args.report_type_column,
+        "metadata_columns": keep,
+        "max_length": args.max_length,
+        "num_workers": args.num_workers,
+    }
+    train_loader = data_module.build_loader(
+        train_stream,
+        processor,
+        batch_size=args.per_device_train_batch_size,
+        training=True,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
         shuffle_seed=args.seed,
         shuffle_buffer=args.shuffle_buffer,
+        **shared,
     )
-    eval_loader = loader("eval", args.per_device_eval_batch_size, max_rows=args.max_eval_samples)
+    eval_loader = data_module.build_loader(
+        data_module.load_stream(options, "eval"),
+        processor,
+        batch_size=args.per_device_eval_batch_size,
+        training=False,
+        max_rows=args.max_eval_samples,
+        **shared,
+    )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
     )

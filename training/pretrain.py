@@ -250,10 +250,11 @@ class TrainingDeadline:
         return bool(broadcast(flag, from_process=0).item())
 
 
-def batches_forever(dataloader, stream, progress: TrainingProgress, accelerator):
-    """Yield training batches epoch after epoch; after a resume, skip the batches the run had already used."""
+def batches_forever(dataloader, progress: TrainingProgress, accelerator):
+    """Yield training batches epoch after epoch (each a new shuffle); after a resume, skip the batches the run had
+    already used."""
     while True:
-        stream.set_epoch(progress.epoch)
+        dataloader.dataset.stream.set_epoch(progress.epoch)
         skip = progress.batches_in_epoch
         for index, batch in enumerate(dataloader):
             if index < skip:
@@ -304,36 +305,36 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
-
-    def batch_stream(stream, batch_size, **kwargs):
-        columns = data_module.stream_columns(stream)
-        present = tuple(column for column in ground_truth if column in columns)
-        prepare = data_module.RowPreparer(
-            processor, config.expert_names, image_column, text_column, args.report_type_column, metadata_columns=present
-        )
-        return data_module.BatchStream(
-            stream, prepare, data_module.BatchCollator(processor, args.max_length), batch_size, **kwargs
-        )
-
-    train_prepared = data_module.prepare_stream(
+    shared = {
+        "image_column": image_column,
+        "text_column": text_column,
+        "expert_names": config.expert_names,
+        "report_type_column": args.report_type_column,
+        "metadata_columns": ground_truth,
+        "max_length": args.max_length,
+        "num_workers": args.num_workers,
+    }
+    train_loader = data_module.build_loader(
         train_stream,
-        image_column=image_column,
+        processor,
+        batch_size=args.per_device_train_batch_size,
+        training=True,
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
         shuffle_seed=args.seed,
         shuffle_buffer=args.shuffle_buffer,
-    )
-    train_loader = data_module.make_dataloader(
-        batch_stream(train_prepared, args.per_device_train_batch_size), args.num_workers
+        **shared,
     )
     eval_loader = None  # --train_files without --eval_files: no held-out rows to evaluate on
     eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
     if args.eval_files or not args.train_files:
-        eval_stream = data_module.prepare_stream(
-            data_module.load_stream(options, "eval"), image_column=image_column, max_rows=args.max_eval_samples
-        )
-        eval_loader = data_module.make_dataloader(
-            batch_stream(eval_stream, args.per_device_eval_batch_size, drop_last=False), args.num_workers, in_order=True
+        eval_loader = data_module.build_loader(
+            data_module.load_stream(options, "eval"),
+            processor,
+            batch_size=args.per_device_eval_batch_size,
+            training=False,
+            max_rows=args.max_eval_samples,
+            **shared,
         )
 
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=args.max_steps, initial=progress.step, desc="pretraining", disable=not accelerator.is_main_process)
     meter = ThroughputMeter()
     cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
-    data = batches_forever(train_loader, train_prepared, progress, accelerator)
+    data = batches_forever(train_loader, progress, accelerator)
     deadline = TrainingDeadline(args.max_train_minutes, accelerator)
     model.train()
     while progress.step < args.max_steps:

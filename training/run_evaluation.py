@@ -86,21 +86,19 @@ class Evaluation:
 
     def loader(self, which: str, max_rows: int | None, batch_size: int | None = None):
         stream, image_column, text_column = data_module.open_stream(self.options, which)
-        columns = data_module.stream_columns(stream)
-        wanted = (self.args.label_column, *self.args.probe_columns, "finding", "finding_box")
-        keep = tuple(dict.fromkeys(column for column in wanted if column in columns))
-        prepared = data_module.prepare_stream(stream, image_column=image_column, max_rows=max_rows)
-        prepare = data_module.RowPreparer(
-            self.processor, self.expert_names, image_column, text_column, self.args.report_type_column, keep
+        return data_module.build_loader(
+            stream,
+            self.processor,
+            image_column=image_column,
+            text_column=text_column,
+            batch_size=batch_size or self.args.batch_size,
+            training=False,
+            expert_names=self.expert_names,
+            report_type_column=self.args.report_type_column,
+            metadata_columns=(self.args.label_column, *self.args.probe_columns, "finding", "finding_box"),
+            num_workers=self.args.num_workers,
+            max_rows=max_rows,
         )
-        batches = data_module.BatchStream(
-            prepared,
-            prepare,
-            data_module.BatchCollator(self.processor),
-            batch_size or self.args.batch_size,
-            drop_last=False,
-        )
-        return data_module.make_dataloader(batches, self.args.num_workers, in_order=True)
 
     def embed(self, which: str, max_rows: int | None) -> EmbeddedSet:
         return embed_pairs(self.model, self.loader(which, max_rows), self.device, description=f"embedding {which}")
