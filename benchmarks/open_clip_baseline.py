@@ -9,8 +9,9 @@ Run by benchmarks/realmed.py inside the separate open_clip virtual environment i
 The model is open_clip's `CLIP` built from a config with random initialisation (no download): a ViT image tower
 (patch 16) and a causal text transformer pooled at the [SEP] token, sized to MedMoE's `small` preset. Batches come
 from training/data.py with a MedMoE processor (the MedMoE run's tokenizer, padded to --max_length), the loss is
-open_clip's `ClipLoss`, the optimizer and schedule are pretrain.py's. Evaluation is training/run_evaluation.py's
-`evaluate_model` on a wrapper with MedMoE's interface. Writes OUT/train_log.jsonl, OUT/run_summary.json,
+open_clip's `ClipLoss`; the optimizer, schedule and optimisation step (clipping, non-finite guard) are the training
+scripts' own (training/loop.py). Evaluation is training/run_evaluation.py's `evaluate_model` on a wrapper with
+MedMoE's interface. Writes OUT/train_log.jsonl, OUT/run_summary.json,
 OUT/model.safetensors + OUT/open_clip_config.json and OUT/eval/results.json.
 """
 
@@ -26,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
@@ -39,7 +41,7 @@ from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
 from training import data as data_module  # noqa: E402
 from training import run_evaluation as evaluation_module  # noqa: E402
 from training.embedding import model_inputs  # noqa: E402
-from training.pretrain import parameter_groups  # noqa: E402
+from training.loop import parameter_groups, train_step  # noqa: E402
 
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
 
@@ -141,14 +143,25 @@ def train(args, model, processor, tokenizer) -> dict:
         shuffle_seed=args.seed,
         shuffle_buffer=args.shuffle_buffer,
     )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler("cosine", optimizer, args.warmup_steps, args.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_function = ClipLoss()
+
+    def forward(clip, batch: dict) -> SimpleNamespace:
+        """open_clip's CLIP loss on a batch of MedMoE's loader (its tokens padded to the context length)."""
+        inputs = model_inputs(batch, accelerator.device)
+        text = fixed_length(inputs["input_ids"], args.max_length, tokenizer.pad_token_id)
+        image_features, text_features, logit_scale = clip(inputs["pixel_values"], text)
+        return SimpleNamespace(loss=loss_function(image_features, text_features, logit_scale))
+
     log_path = args.output_dir / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
     start = time.monotonic()
     deadline = start + 60 * args.max_train_minutes if args.max_train_minutes else math.inf
     step, epoch, images, window_images, window_start = 0, 0, 0, 0, time.monotonic()
+    skipped_steps, cycle_finite = 0, True
     bar = tqdm(total=args.max_steps, desc="open_clip pretraining")
     model.train()
     while step < args.max_steps and time.monotonic() < deadline:
@@ -156,20 +169,18 @@ def train(args, model, processor, tokenizer) -> dict:
         for batch in loader:
             if "pixel_values" not in batch:
                 continue
-            inputs = model_inputs(batch, torch.device("cpu"))
-            text = fixed_length(inputs["input_ids"], args.max_length, tokenizer.pad_token_id)
-            image_features, text_features, logit_scale = model(inputs["pixel_values"], text)
-            loss = loss_function(image_features, text_features, logit_scale)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            out, cycle_finite = train_step(
+                accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
+            )
+            if not cycle_finite:
+                skipped_steps, cycle_finite = skipped_steps + 1, True
+                continue
+            loss = out.loss.detach()
             with torch.no_grad():  # open_clip's training clamps the temperature at 100
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
-            images += len(text)
-            window_images += len(text)
+            images += len(batch["texts"])
+            window_images += len(batch["texts"])
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % args.logging_steps == 0:
@@ -182,7 +193,8 @@ def train(args, model, processor, tokenizer) -> dict:
                 break
         epoch += 1
     bar.close()
-    return {"steps": step, "images_seen": images, "train_seconds": round(time.monotonic() - start, 1)}
+    train_seconds = round(time.monotonic() - start, 1)
+    return {"steps": step, "images_seen": images, "train_seconds": train_seconds, "skipped_steps": skipped_steps}
 
 
 def main(argv: list[str] | None = None) -> dict:

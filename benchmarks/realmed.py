@@ -38,6 +38,7 @@ MEDMOE_SYSTEMS = {
     "expert_depth_3": ["--expert_depth", "3"],
 }
 SYSTEMS = (*MEDMOE_SYSTEMS, "open_clip")
+RUN_DIR = "run"  # OUT/SYSTEM/run: the system's training run (for MedMoE, the model folder pretrain.py writes)
 EVAL_TASKS = "zero_shot,retrieval,linear_probe,routing"
 TABLE_COLUMNS = (  # (heading, results.json metric)
     ("i→t R@1", "retrieval/image_to_text_R@1"),
@@ -113,7 +114,7 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
         "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
         "--warmup_steps", str(max(1, max_steps // 10)), "--max_steps", str(max_steps), "--eval_steps", "0",
         "--logging_steps", str(logging_steps(args)), "--report_to", "none",
-        "--num_workers", str(args.num_workers), "--output_dir", str(output_dir), *extra,
+        "--num_workers", str(args.num_workers), "--output_dir", str(output_dir), "--overwrite_output_dir", *extra,
     ]  # fmt: skip
     return command + (["--max_train_minutes", str(minutes)] if minutes else [])
 
@@ -121,10 +122,11 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
 def finished_record(args, name: str) -> dict | None:
     """The record of a system that already ran in OUT (delete OUT/SYSTEM to run it again)."""
     folder = args.output_dir / name
-    if not (folder / "eval" / "results.json").is_file() or not (folder / "scheduled_steps.txt").is_file():
+    results = folder / RUN_DIR / "eval" / "results.json"
+    if not results.is_file() or not (folder / "scheduled_steps.txt").is_file():
         return None
-    summary = json.loads((folder / "run_summary.json").read_text())
-    metrics = json.loads((folder / "eval" / "results.json").read_text())["metrics"]
+    summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
+    metrics = json.loads(results.read_text())["metrics"]
     return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()))
 
 
@@ -148,13 +150,13 @@ def run_medmoe(args, name: str) -> dict:
     )
     steps = schedule_steps(args, calibration / "train_log.jsonl")
     print(f"[{name}] training: {args.minutes} min budget, schedule of {steps} steps ... (log: {folder}/train.log)")
-    run(pretrain_command(args, folder, MEDMOE_SYSTEMS[name], steps, args.minutes), folder / "train.log")
+    run(pretrain_command(args, folder / RUN_DIR, MEDMOE_SYSTEMS[name], steps, args.minutes), folder / "train.log")
     print(f"[{name}] evaluating ...", flush=True)
     evaluate = [
-        sys.executable, "training/run_evaluation.py", "--model", str(folder / "model"),
+        sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
         "--dataset_name", str(args.data),
         "--tasks", EVAL_TASKS, "--probe_columns", "modality,label", "--max_train_samples", "4000",
-        "--num_workers", str(args.num_workers), "--output_dir", str(folder / "eval"),
+        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR / "eval"),
     ]  # fmt: skip
     run(evaluate, folder / "evaluate.log")
     (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
@@ -198,7 +200,7 @@ def run_open_clip(args, tokenizer: Path) -> dict:
     steps = schedule_steps(args, folder / "calibration" / "train_log.jsonl")
     print(f"[open_clip] training + evaluating: {args.minutes} min budget, schedule of {steps} steps ...", flush=True)
     training = [
-        "--output_dir", str(folder), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 10)),
+        "--output_dir", str(folder / RUN_DIR), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 10)),
         "--max_train_minutes", str(args.minutes), "--logging_steps", str(logging_steps(args)),
     ]  # fmt: skip
     run(common + training, folder / "train.log")
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     medmoe_systems = [name for name in args.systems if name in MEDMOE_SYSTEMS]
     rows = [finished_or_run(args, name, lambda name=name: run_medmoe(args, name)) for name in medmoe_systems]
     if "open_clip" in args.systems:
-        tokenizer = args.output_dir / medmoe_systems[0] / "tokenizer"
+        tokenizer = args.output_dir / medmoe_systems[0] / RUN_DIR / "tokenizer"
         rows.append(finished_or_run(args, "open_clip", lambda: run_open_clip(args, tokenizer)))
     table = markdown_table(rows, args.minutes)
     (args.output_dir / "summary.json").write_text(json.dumps({"minutes": args.minutes, "systems": rows}, indent=2))

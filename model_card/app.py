@@ -2,7 +2,7 @@
 or DICOM file.
 
     pip install -e ".[demo]"
-    python model_card/app.py --model outputs/medmoe-nano/model      # or a Hub id
+    python model_card/app.py --model outputs/medmoe-nano      # or a Hub id
 
 For a Space, copy this file as app.py next to a requirements.txt (torch, transformers, timm, gradio) and set
 MEDMOE_MODEL to the model's Hub id.

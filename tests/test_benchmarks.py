@@ -94,10 +94,11 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     assert realmed.schedule_steps(args, log) == int(2 * 60 * 32 / 32)  # mean of the last two windows, batch 32
     assert realmed.finished_record(args, "medmoe") is None
     folder = tmp_path / "medmoe"
-    (folder / "eval").mkdir(parents=True)
+    (folder / realmed.RUN_DIR / "eval").mkdir(parents=True)
     summary = {"parameters": 2_800_000, "steps": 50, "train_seconds": 100.0, "images_seen": 1600}
-    (folder / "run_summary.json").write_text(json.dumps(summary))
-    (folder / "eval" / "results.json").write_text(json.dumps({"metrics": {"retrieval/image_to_text_R@10": 0.25}}))
+    (folder / realmed.RUN_DIR / "run_summary.json").write_text(json.dumps(summary))
+    results = {"metrics": {"retrieval/image_to_text_R@10": 0.25}}
+    (folder / realmed.RUN_DIR / "eval" / "results.json").write_text(json.dumps(results))
     (folder / "scheduled_steps.txt").write_text("60\n")
     row = realmed.finished_record(args, "medmoe")
     assert row["images_per_s"] == 16.0 and row["scheduled_steps"] == 60

@@ -65,7 +65,7 @@ def short_run(tmp_path_factory):
 
 def test_short_run_saves_a_complete_model_folder(short_run):
     output_dir, completed = short_run
-    model_dir = output_dir / "model"
+    model_dir = output_dir  # --output_dir is the model folder, the run's files beside the model's
     for name in (
         "config.json",
         "model.safetensors",
@@ -86,15 +86,53 @@ def test_short_run_saves_a_complete_model_folder(short_run):
     assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt")), "safetensors only"
     assert "routing purity vs modality" in completed.stdout and "x chance" in completed.stdout
     assert str(model_dir) in completed.stdout
+    for name in (
+        "checkpoints/step_6/model.safetensors",
+        "train_log.jsonl",
+        "run_summary.json",
+        "tokenizer/tokenizer.json",
+    ):
+        assert (output_dir / name).is_file(), name  # the run beside the model
     summary = json.loads((output_dir / "run_summary.json").read_text())
     assert summary["steps"] == 6 and summary["images_seen"] == 48
     assert sorted(losses(output_dir)) == [1, 2, 3, 4, 5, 6]
+    assert "Skipped rows: none; skipped (non-finite) steps: 0" in completed.stdout
+
+
+def test_the_upload_leaves_checkpoints_and_logs_out(short_run):
+    """finish() uploads --output_dir with RUN_FILES ignored, as huggingface_hub's upload_folder filters them."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from training.pretrain import RUN_FILES
+
+    output_dir, _ = short_run
+    files = [str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file()]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=RUN_FILES))
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", "examples/xray.png"} <= uploaded
+    assert not [name for name in uploaded if name.startswith(("checkpoints/", "tokenizer/", "medmoe-pretrain/"))]
+    assert not {"train_log.jsonl", "run_summary.json"} & uploaded
+
+
+def test_an_earlier_run_is_never_overwritten_silently(short_run, tmp_path):
+    """A second run into the same folder stops and names both ways on; --overwrite_output_dir starts over."""
+    output_dir, _ = short_run
+    again = tmp_path / "again"
+    shutil.copytree(output_dir, again)
+    before = (again / "model.safetensors").read_bytes()
+    completed = run_script(["--max_steps", "1", "--output_dir", str(again), *FAST], check=False)
+    assert completed.returncode != 0
+    assert "--resume_from_checkpoint latest" in completed.stderr and "--overwrite_output_dir" in completed.stderr
+    assert (again / "model.safetensors").read_bytes() == before and (again / "checkpoints" / "step_6").is_dir()
+    run_script(["--max_steps", "1", "--output_dir", str(again), "--overwrite_output_dir", *FAST])
+    assert not (again / "checkpoints").exists(), "the earlier run's checkpoints are gone with it"
+    assert json.loads((again / "run_summary.json").read_text())["steps"] == 1
+    assert sorted(losses(again)) == [1]
 
 
 def test_the_upload_folder_loads_in_a_fresh_offline_process(short_run, tmp_path):
     output_dir, _ = short_run
     images = [Image.new("L", (80, 80), color) for color in (20, 200)]
-    result = load_in_fresh_process(output_dir / "model", images, ["Axial CT.", "Chest X-ray."], ["ct", "mri"], tmp_path)
+    result = load_in_fresh_process(output_dir, images, ["Axial CT.", "Chest X-ray."], ["ct", "mri"], tmp_path)
     assert len(result["logits_per_image"]) == 2 and len(result["pipeline"]) == 2
 
 
@@ -158,7 +196,7 @@ def test_two_real_processes_on_cpu(tmp_path):
         ["--max_steps", "3", "--output_dir", str(output_dir), "--num_workers", "1", *FAST], launcher=launcher
     )
     assert "2 process(es)" in completed.stdout
-    args = json.loads((output_dir / "model" / "args.json").read_text())
+    args = json.loads((output_dir / "args.json").read_text())
     assert args["num_processes"] == 2
     assert json.loads((output_dir / "run_summary.json").read_text())["images_seen"] == 3 * 8 * 2
 
@@ -179,7 +217,7 @@ def test_text_model_from_a_local_folder(tmp_path, tokenizer):
     tokenizer.save_pretrained(bert_dir)
     output_dir = tmp_path / "with-bert"
     run_script(["--max_steps", "2", "--output_dir", str(output_dir), "--text_model", str(bert_dir), *FAST])
-    config = json.loads((output_dir / "model" / "config.json").read_text())
+    config = json.loads((output_dir / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 48
 
 
@@ -212,39 +250,16 @@ def test_upload_without_network_keeps_the_model_and_never_shows_the_token(tmp_pa
     assert (output_dir / "checkpoints" / "step_2" / "training_progress.json").is_file()
     assert completed.returncode == 1
     assert "Could not upload" in completed.stderr and "nothing was lost" in completed.stderr
-    assert (output_dir / "model" / "model.safetensors").is_file()
+    assert (output_dir / "model.safetensors").is_file()
     outputs = completed.stdout + completed.stderr
     outputs += "".join(path.read_text(errors="ignore") for path in output_dir.rglob("*") if path.is_file())
     assert FAKE_TOKEN not in outputs
 
 
-def test_a_non_finite_step_is_skipped_and_training_continues(model, batch):
-    """train_step on a batch whose pixels are NaN: no update, counted as skipped; the next batch trains."""
-    import torch
-    from accelerate import Accelerator
-
-    from training.pretrain import train_step
-
-    accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    inputs = {**batch, "report_type_labels": torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])}
-    poisoned = {**inputs, "pixel_values": torch.full_like(batch["pixel_values"], float("nan"))}
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    out, finite = train_step(accelerator, model, poisoned, optimizer, scheduler, 1.0, True)
-    assert not finite and not torch.isfinite(out.loss)
-    assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "no update from a NaN step"
-    assert all(p.grad is None for p in model.parameters())
-    out, finite = train_step(accelerator, model, inputs, optimizer, scheduler, 1.0, True)
-    assert finite and torch.isfinite(out.loss)
-    assert not torch.equal(before["image_projection.weight"], model.image_projection.weight)
-
-
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     output_dir = tmp_path / "bf16"
     run_script(["--max_steps", "2", "--mixed_precision", "bf16", "--output_dir", str(output_dir), *FAST])
-    assert json.loads((output_dir / "model" / "args.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((output_dir / "args.json").read_text())["mixed_precision"] == "bf16"
     assert all(math.isfinite(loss) for loss in losses(output_dir).values())
 
 
@@ -300,7 +315,7 @@ def test_pretraining_on_parquet_files_without_eval_files(tmp_path):
         ["--max_steps", "2", "--train_files", str(tmp_path / "*.parquet"), "--output_dir", str(output_dir), *FAST]
     )
     assert "No held-out evaluation" in completed.stdout and "text column 'caption'" in completed.stdout
-    assert (output_dir / "model" / "model.safetensors").is_file()
+    assert (output_dir / "model.safetensors").is_file()
 
 
 def test_held_out_figures_equal_the_evaluation_cli_on_the_same_rows(short_run, tmp_path):
@@ -308,8 +323,8 @@ def test_held_out_figures_equal_the_evaluation_cli_on_the_same_rows(short_run, t
     from training import run_evaluation
 
     output_dir, _ = short_run
-    held_out = json.loads((output_dir / "model" / "eval_results.json").read_text())
-    arguments = ["--model", str(output_dir / "model"), "--output_dir", str(tmp_path), "--tasks", "retrieval,routing"]
+    held_out = json.loads((output_dir / "eval_results.json").read_text())
+    arguments = ["--model", str(output_dir), "--output_dir", str(tmp_path), "--tasks", "retrieval,routing"]
     cli = run_evaluation.main([*arguments, "--max_samples", "16", "--batch_size", "5", "--num_workers", "0"])
     assert held_out["num_samples"] == cli["num_samples"] == 16
     assert held_out["details"]["retrieval"] == cli["details"]["retrieval"]
@@ -338,7 +353,7 @@ def test_card_states_what_happened_in_a_run_stopped_by_the_budget(tmp_path):
     summary = json.loads((output_dir / "run_summary.json").read_text())
     assert summary["steps"] == 1 and summary["train_seconds"] > 0 and summary["parameters"] > 1e6
     assert "routing purity" in completed.stdout, "the final evaluation still runs"
-    model_dir = output_dir / "model"
+    model_dir = output_dir
     assert json.loads((model_dir / "config.json").read_text())["router_loss_weight"] == 2
     card = (model_dir / "README.md").read_text()
     assert "| steps trained | 1 (stopped by the 0.0001-minute budget" in card

@@ -1,8 +1,8 @@
 """Fine-tune a pretrained MedMoE folder: image classification or image-report contrastive, fully or with LoRA.
 
-    accelerate launch training/finetune.py --model outputs/medmoe-nano/model --task classification \
+    accelerate launch training/finetune.py --model outputs/medmoe-nano --task classification \
         --label_column modality --lora --output_dir outputs/finetune-nano
-    accelerate launch training/finetune.py --model outputs/medmoe-realmed/model --task contrastive --lora \
+    accelerate launch training/finetune.py --model outputs/medmoe-realmed --task contrastive --lora \
         --dataset_name ../shared/datasets/realmed --output_dir outputs/finetune-realmed
 
 Writes OUTPUT_DIR/adapter (LoRA: the adapter, load with PeftModel.from_pretrained on the base) or OUTPUT_DIR/model
@@ -12,6 +12,7 @@ Writes OUTPUT_DIR/adapter (LoRA: the adapter, load with PeftModel.from_pretraine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from transformers import AutoProcessor, get_scheduler
 
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 from training import data as data_module
-from training.embedding import model_inputs
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing
+from training.loop import contrastive_forward, parameter_groups, train_step
 from training.metrics import classification_results
 
 # Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_steps", type=int, default=200)
     train.add_argument("--per_device_train_batch_size", type=int, default=16)
     train.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 = none)")
     train.add_argument("--learning_rate", type=float, default=5e-4)
     train.add_argument("--weight_decay", type=float, default=0.01)
     train.add_argument("--warmup_steps", type=int, default=10)
@@ -129,6 +132,18 @@ def evaluate_classifier(model, loader, device, label_column: str, classes: list[
     }
 
 
+def task_forward(args: argparse.Namespace, classes: list[str], device: torch.device):
+    """`forward(model, batch)` for `train_step`: the classifier's cross-entropy, or the pretraining objective."""
+    if args.task == "contrastive":
+        return functools.partial(contrastive_forward, device=device)
+
+    def classification_forward(model, batch: dict):
+        labels = class_indices(batch, args.label_column, classes).to(device)
+        return model(pixel_values=batch["pixel_values"].to(device), labels=labels)
+
+    return classification_forward
+
+
 def evaluate_contrastive(model, loader, device, args) -> dict:
     """Retrieval and routing as training/evaluation.py defines them (the pretraining held-out check's figures)."""
     dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
@@ -139,7 +154,9 @@ def evaluate_contrastive(model, loader, device, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed, device_specific=False)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -186,15 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
         max_rows=args.max_eval_samples,
         **shared,
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler(
         "cosine", optimizer, args.warmup_steps * accelerator.num_processes, args.max_steps * accelerator.num_processes
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    losses, step, epoch = [], 0, 0
+    forward = task_forward(args, classes, accelerator.device)
+    losses, step, epoch, skipped_steps = [], 0, 0, 0
+    cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
     bar = tqdm(total=args.max_steps, desc=f"fine-tuning ({args.task})", disable=not accelerator.is_main_process)
     model.train()
     while step < args.max_steps:
@@ -202,21 +219,16 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in train_loader:
             if "pixel_values" not in batch:
                 continue
-            if args.task == "classification":
-                out = model(
-                    pixel_values=batch["pixel_values"].to(accelerator.device),
-                    labels=class_indices(batch, args.label_column, classes).to(accelerator.device),
-                )
-            else:
-                out = model(
-                    **model_inputs(batch, accelerator.device),
-                    report_type_labels=batch["report_type_labels"].to(accelerator.device),
-                    return_loss=True,
-                )
-            accelerator.backward(out.loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            out, cycle_finite = train_step(
+                accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
+            )
+            if not accelerator.sync_gradients:
+                continue
+            if not cycle_finite:
+                skipped_steps += 1
+                cycle_finite = True
+                bar.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped_steps} so far)")
+                continue
             losses.append(accelerator.reduce(out.loss.detach(), reduction="mean").item())
             step += 1
             bar.update(1)
@@ -233,13 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = evaluate_classifier(unwrapped, eval_loader, accelerator.device, args.label_column, classes)
         else:
             metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device, args)
-        summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total)
+        summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total, skipped_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def save_outputs(args, model, processor, metrics: dict, losses: list[float], share: float) -> dict:
+def save_outputs(args, model, processor, metrics: dict, losses: list[float], share: float, skipped_steps: int) -> dict:
     """The adapter (LoRA) or the model (full), the merged model (--merge), and eval_results.json."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     saved = {}
@@ -257,6 +269,7 @@ def save_outputs(args, model, processor, metrics: dict, losses: list[float], sha
         "lora": args.lora,
         "trainable_share": share,
         "steps": len(losses),
+        "skipped_steps": skipped_steps,
         "first_loss": float(np.mean(losses[:10])) if losses else None,
         "last_loss": float(np.mean(losses[-10:])) if losses else None,
         "metrics": metrics,

@@ -1,6 +1,6 @@
 """Embed an image archive with a MedMoE model and build a FAISS index for text-to-image and image-to-image search.
 
-    medmoe-index --model outputs/medmoe-nano/model --images /archive/pacs-export --output_dir outputs/archive-index
+    medmoe-index --model outputs/medmoe-nano --images /archive/pacs-export --output_dir outputs/archive-index
     medmoe-index --model ORG/NAME --files "scans/*.parquet" --output_dir OUT
     medmoe-index --model ORG/NAME --dataset_name ORG/DATASET --split test --output_dir OUT
 

@@ -3,15 +3,19 @@
     accelerate launch training/pretrain.py                      # nano preset on the built-in synthetic stream
     accelerate launch training/pretrain.py --dataset_name ../shared/datasets/realmed --preset small --max_steps 2000
 
-Saves a complete model folder (weights, code, processor, tokenizer, model card) to OUTPUT_DIR/model, checkpoints
-to OUTPUT_DIR/checkpoints, logs to OUTPUT_DIR/logs and a run summary to OUTPUT_DIR/run_summary.json.
+OUTPUT_DIR becomes a complete model folder (weights, code, processor, tokenizer, model card at its root:
+AutoModel.from_pretrained(OUTPUT_DIR, trust_remote_code=True) loads it), with the run beside it: checkpoints in
+OUTPUT_DIR/checkpoints, the per-step log train_log.jsonl, tracker logs in medmoe-pretrain/, run_summary.json, the
+learnt vocabulary in tokenizer/ (the Hub upload leaves these out). An earlier run's folder is never overwritten
+silently: resume it (--resume_from_checkpoint latest) or pass --overwrite_output_dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
+import shutil
 import sys
 import time
 from collections import Counter
@@ -27,9 +31,9 @@ from model_card.generate import write_model_card
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
 from training import data as data_module
 from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
-from training.embedding import model_inputs
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing, public_dataset_name
 from training.hub import UploadFailed, push_folder
+from training.loop import contrastive_forward, parameter_groups, train_step
 from training.towers import (
     PretrainedWeightsUnavailable,
     load_pretrained_text_tower,
@@ -77,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", type=Path, help="default: outputs/medmoe-PRESET")
+    train.add_argument(
+        "--output_dir", type=Path, help="the model folder this run writes (default: outputs/medmoe-PRESET)"
+    )
+    train.add_argument(
+        "--overwrite_output_dir", action="store_true", help="delete an earlier run in --output_dir and start over"
+    )
     train.add_argument("--max_steps", type=int, default=400, help="optimizer steps (the schedule's length)")
     train.add_argument(
         "--max_train_minutes", type=float, help="also stop after this much training time (a wall-clock budget)"
@@ -132,16 +141,8 @@ def build_config(args: argparse.Namespace, vocab_size: int, text_config=None) ->
     return config
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and the logit scale."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
+# What a run leaves beside the model in --output_dir; the upload leaves them out.
+RUN_FILES = ["checkpoints/*", "tokenizer/*", "medmoe-pretrain/*", "train_log.jsonl", "run_summary.json"]
 HEADLINE_METRICS = (
     "retrieval/image_to_text_R@5",
     "retrieval/text_to_image_R@5",
@@ -198,39 +199,6 @@ def log_step(accelerator, out, scheduler, meter: ThroughputMeter, step: int, mod
     meter.reset()
 
 
-def all_finite(accelerator, value: torch.Tensor) -> bool:
-    """True when `value` is finite on every process (so all processes take the same branch)."""
-    flag = torch.isfinite(value.detach()).all().float().reshape(1).to(accelerator.device)
-    return bool(accelerator.gather(flag).min() > 0)
-
-
-def train_step(accelerator, model, batch, optimizer, scheduler, max_grad_norm: float, cycle_finite: bool):
-    """One micro-batch: forward, backward, and at the end of an accumulation cycle the optimizer step.
-
-    A non-finite loss (on any process) is not back-propagated; a non-finite gradient norm, or any non-finite
-    micro-batch in the cycle, skips the optimizer and scheduler step on every process. Returns the model output
-    and whether the cycle is still finite.
-    """
-    with accelerator.accumulate(model):
-        out = model(
-            **model_inputs(batch, accelerator.device),
-            report_type_labels=batch["report_type_labels"].to(accelerator.device),
-            return_loss=True,
-        )
-        cycle_finite = cycle_finite and all_finite(accelerator, out.loss)
-        if cycle_finite:
-            accelerator.backward(out.loss)
-        if accelerator.sync_gradients:
-            if cycle_finite:
-                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-                cycle_finite = all_finite(accelerator, norm)
-            if cycle_finite:
-                optimizer.step()
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return out, cycle_finite
-
-
 class TrainingDeadline:
     """A wall-clock budget for the training loop, counted from its creation; the main process's clock decides for
     every process, so all of them stop after the same step."""
@@ -269,8 +237,42 @@ def batches_forever(dataloader, progress: TrainingProgress, accelerator):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Pretraining, step by step: accelerator, output folder, data, tokenizer, model, loaders, optimizer and
+    schedule, resume, the loop, then save and upload."""
     args = parse_args(argv)
-    accelerator = Accelerator(
+    accelerator = build_accelerator(args)
+    prepare_output_dir(args, accelerator)
+    set_seed(args.seed, device_specific=False)
+    options = data_module.DataOptions.from_args(args)
+    train_stream, image_column, text_column = data_module.open_stream(options, "train")
+    with accelerator.main_process_first():
+        tokenizer = text_tokenizer(
+            args, train_stream, text_column, args.output_dir / "tokenizer", accelerator.is_main_process
+        )
+    model, processor = build_model_and_processor(args, tokenizer)
+    train_loader, eval_loader = build_loaders(
+        args, accelerator, options, processor, model.config, train_stream, image_column, text_column
+    )
+    optimizer, scheduler = build_optimizer_and_schedule(args, accelerator, model)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    progress = resume_or_start(args, accelerator)
+    run_config = start_trackers(args, accelerator)
+    accelerator.print(run_description(args, accelerator, model, image_column, text_column))
+    evaluations, train_seconds = training_loop(
+        args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress
+    )
+    summary = {}
+    if accelerator.is_main_process:
+        summary = finish(
+            args, accelerator.unwrap_model(model), processor, evaluations, progress, run_config, train_seconds
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def build_accelerator(args: argparse.Namespace) -> Accelerator:
+    return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -278,18 +280,33 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=str(args.output_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    set_seed(args.seed, device_specific=False)
-    output_dir, model_dir, checkpoints_dir = args.output_dir, args.output_dir / "model", args.output_dir / "checkpoints"
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
-    options = data_module.DataOptions.from_args(args)
-    train_stream, image_column, text_column = data_module.open_stream(options, "train")
 
-    with accelerator.main_process_first():
-        tokenizer = text_tokenizer(
-            args, train_stream, text_column, output_dir / "tokenizer", accelerator.is_main_process
+class OutputDirNotEmpty(RuntimeError):
+    """--output_dir holds an earlier run, and neither --resume_from_checkpoint nor --overwrite_output_dir was given."""
+
+
+def prepare_output_dir(args: argparse.Namespace, accelerator) -> None:
+    """--output_dir becomes the model folder. An earlier run's folder is never silently overwritten: resume it,
+    or pass --overwrite_output_dir to empty it first (as transformers' example scripts do)."""
+    output_dir = args.output_dir
+    earlier_run = output_dir.is_dir() and any(output_dir.iterdir())
+    if earlier_run and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        raise OutputDirNotEmpty(
+            f"{output_dir} is not empty: it holds an earlier run (its model, checkpoints or logs). Pass "
+            "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to delete it and start "
+            "over, or another --output_dir."
         )
+    if accelerator.is_main_process:
+        if earlier_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def build_model_and_processor(args: argparse.Namespace, tokenizer) -> tuple[MedMoEModel, MedMoEProcessor]:
+    """The preset's model (its towers started from --text_model / the backbone weights if asked) and the processor
+    that feeds it."""
     text_config = pretrained_text_config(args.text_model) if args.text_model else None
     config = build_config(args, len(tokenizer), text_config)
     model = MedMoEModel(config)
@@ -303,14 +320,18 @@ def main(argv: list[str] | None = None) -> dict:
     processor = MedMoEProcessor(
         image_processor=MedMoEImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer
     )
+    return model, processor
 
-    ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
+
+def build_loaders(args, accelerator, options, processor, config, train_stream, image_column, text_column):
+    """(train loader: this process's part, shuffled; held-out loader: the first --max_eval_samples eval rows, or
+    None with --train_files and no --eval_files)."""
     shared = {
         "image_column": image_column,
         "text_column": text_column,
         "expert_names": config.expert_names,
         "report_type_column": args.report_type_column,
-        "metadata_columns": ground_truth,
+        "metadata_columns": tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip()),
         "max_length": args.max_length,
         "num_workers": args.num_workers,
     }
@@ -325,18 +346,20 @@ def main(argv: list[str] | None = None) -> dict:
         shuffle_buffer=args.shuffle_buffer,
         **shared,
     )
-    eval_loader = None  # --train_files without --eval_files: no held-out rows to evaluate on
-    eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
-    if args.eval_files or not args.train_files:
-        eval_loader = data_module.build_loader(
-            data_module.load_stream(options, "eval"),
-            processor,
-            batch_size=args.per_device_eval_batch_size,
-            training=False,
-            max_rows=args.max_eval_samples,
-            **shared,
-        )
+    if args.train_files and not args.eval_files:
+        return train_loader, None
+    eval_loader = data_module.build_loader(
+        data_module.load_stream(options, "eval"),
+        processor,
+        batch_size=args.per_device_eval_batch_size,
+        training=False,
+        max_rows=args.max_eval_samples,
+        **shared,
+    )
+    return train_loader, eval_loader
 
+
+def build_optimizer_and_schedule(args, accelerator, model):
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler(  # a prepared scheduler steps once per process at every optimizer step
         args.lr_scheduler_type,
@@ -344,37 +367,54 @@ def main(argv: list[str] | None = None) -> dict:
         num_warmup_steps=args.warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_steps * accelerator.num_processes,
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return optimizer, scheduler
+
+
+def resume_or_start(args, accelerator) -> TrainingProgress:
+    """The progress of the checkpoint named by --resume_from_checkpoint (model, optimizer, schedule, RNG and
+    stream position restored), or a fresh start."""
     progress = TrainingProgress()
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir / "checkpoints")
         load_checkpoint(accelerator, checkpoint, progress)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step} (epoch {progress.epoch}).")
-    elif accelerator.is_main_process:
-        (output_dir / "train_log.jsonl").unlink(missing_ok=True)
+    return progress
 
+
+def start_trackers(args, accelerator) -> dict:
+    """The run's configuration, as the trackers (and args.json) record it."""
     run_config = {
-        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **{key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
     }
-    accelerator.init_trackers(
-        "medmoe-pretrain", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
-    )
-    unwrapped = accelerator.unwrap_model(model)
+    scalars = {key: value for key, value in run_config.items() if isinstance(value, (int, float, str, bool))}
+    accelerator.init_trackers("medmoe-pretrain", config=scalars)
+    return run_config
+
+
+def run_description(args, accelerator, model, image_column: str, text_column: str) -> str:
+    parameters = sum(parameter.numel() for parameter in accelerator.unwrap_model(model).parameters())
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    accelerator.print(
-        f"MedMoE {args.preset}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch {global_batch}, "
-        f"{args.max_steps} steps; data: {args.train_files or args.dataset_name} (image column {image_column!r}, "
-        f"text column {text_column!r})"
+    return (
+        f"MedMoE {args.preset}: {parameters / 1e6:.2f}M parameters, {accelerator.num_processes} process(es) on "
+        f"{accelerator.device}, global batch {global_batch}, {args.max_steps} steps; data: "
+        f"{args.train_files or args.dataset_name} (image column {image_column!r}, text column {text_column!r})"
     )
 
+
+def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress):
+    """Train until --max_steps or the --max_train_minutes budget, logging, evaluating the held-out rows and
+    checkpointing on the way. Returns (the held-out evaluations, the loop's seconds)."""
+    unwrapped = accelerator.unwrap_model(model)
+    eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
+    log_file = args.output_dir / "train_log.jsonl"
     evaluations = []
     bar = tqdm(total=args.max_steps, initial=progress.step, desc="pretraining", disable=not accelerator.is_main_process)
     meter = ThroughputMeter()
     cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
     data = batches_forever(train_loader, progress, accelerator)
+    forward = functools.partial(contrastive_forward, device=accelerator.device)
     deadline = TrainingDeadline(args.max_train_minutes, accelerator)
     model.train()
     while progress.step < args.max_steps:
@@ -383,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "pixel_values" not in batch:
             continue
         out, cycle_finite = train_step(
-            accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite
+            accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
         )
         images = batch["pixel_values"].shape[0] * accelerator.num_processes
         progress.images_seen += images
@@ -402,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.update(1)
         is_last = progress.step == args.max_steps or deadline.passed()
         if progress.step % args.logging_steps == 0 or is_last:
-            log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, output_dir / "train_log.jsonl")
+            log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, log_file)
         if eval_loader is not None and ((args.eval_steps and progress.step % args.eval_steps == 0) or is_last):
             if accelerator.is_main_process:
                 result = evaluate_retrieval_and_routing(
@@ -415,27 +455,19 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
             accelerator.wait_for_everyone()
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
-            save_checkpoint(accelerator, checkpoints_dir, progress, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir / "checkpoints", progress, args.checkpoints_total_limit)
         if is_last:
             break
     bar.close()
-    train_seconds = deadline.elapsed_seconds()
-
-    summary = {}
-    if accelerator.is_main_process:
-        summary = finish(
-            args, unwrapped, processor, evaluations, progress, run_config, output_dir, model_dir, train_seconds
-        )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return evaluations, deadline.elapsed_seconds()
 
 
-def finish(args, model, processor, evaluations, progress, run_config, output_dir, model_dir, train_seconds) -> dict:
-    """Save the model folder and its card, print the quality figures, write the run summary, upload if asked."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+def finish(args, model, processor, evaluations, progress, run_config, train_seconds) -> dict:
+    """Save the model folder (--output_dir itself) and its card, print the quality figures and the skipped rows,
+    write the run summary, upload if asked."""
+    output_dir = args.output_dir
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     final = {key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "step"}
     train_facts = {
         **public_run_config(run_config),
@@ -444,18 +476,20 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
         "train_minutes": round(train_seconds / 60, 1),
         "stopped_by": "max_steps" if progress.step >= args.max_steps else "max_train_minutes",
     }
-    (model_dir / "args.json").write_text(json.dumps(train_facts, indent=2) + "\n")
-    (model_dir / "eval_results.json").write_text(json.dumps(final, indent=2) + "\n")
+    (output_dir / "args.json").write_text(json.dumps(train_facts, indent=2) + "\n")
+    (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2) + "\n")
     write_model_card(
-        model_dir, final, train_facts, repo_id=args.hub_model_id or str(model_dir), model_name=output_dir.name
+        output_dir, final, train_facts, repo_id=args.hub_model_id or str(output_dir), model_name=output_dir.name
     )
 
     if final:
         print_held_out_summary(final)
     else:
         print("\nNo held-out evaluation: pass --eval_files (or a dataset with an eval split).")
+    skipped = ", ".join(f"{reason} {count}" for reason, count in progress.skipped_rows.most_common())
+    print(f"Skipped rows: {skipped or 'none'}; skipped (non-finite) steps: {progress.skipped_steps}")
     summary = {
-        "model_dir": str(model_dir),
+        "model_dir": str(output_dir),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "steps": progress.step,
         "images_seen": progress.images_seen,
@@ -466,13 +500,15 @@ def finish(args, model, processor, evaluations, progress, run_config, output_dir
     }
     if args.push_to_hub:
         try:
-            summary["hub_commit"] = push_folder(model_dir, args.hub_model_id, private=args.hub_private)
-            print(f"Uploaded {model_dir} to https://huggingface.co/{args.hub_model_id}")
+            summary["hub_commit"] = push_folder(
+                output_dir, args.hub_model_id, private=args.hub_private, ignore_patterns=RUN_FILES
+            )
+            print(f"Uploaded {output_dir} (without checkpoints and logs) to https://huggingface.co/{args.hub_model_id}")
         except UploadFailed as failure:
             summary["hub_upload_error"] = str(failure)
             print(f"Upload failed: {failure}", file=sys.stderr)
     (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"Model folder: {model_dir}  (load with AutoModel.from_pretrained(..., trust_remote_code=True))")
+    print(f"Model folder: {output_dir}  (load with AutoModel.from_pretrained(..., trust_remote_code=True))")
     print(f"Run summary: {output_dir / 'run_summary.json'}; per-step log: {output_dir / 'train_log.jsonl'}")
     return summary
 
@@ -506,7 +542,7 @@ def public_run_config(run_config: dict) -> dict:
 if __name__ == "__main__":
     try:
         run_summary = main()
-    except (PretrainedWeightsUnavailable, FileNotFoundError) as error:
+    except (PretrainedWeightsUnavailable, FileNotFoundError, OutputDirNotEmpty) as error:
         sys.exit(f"error: {error}")
     if "hub_upload_error" in run_summary:
         sys.exit(1)

@@ -1,7 +1,7 @@
 """Evaluate a MedMoE model: zero-shot classification, retrieval, linear probe, routing and attention maps.
 
     python training/run_evaluation.py --model DIR_OR_HUB_ID --dataset_name synthetic --output_dir OUT
-    python training/run_evaluation.py --model outputs/medmoe-realmed/model --dataset_name ../shared/datasets/realmed \
+    python training/run_evaluation.py --model outputs/medmoe-realmed --dataset_name ../shared/datasets/realmed \
         --eval_files "../shared/datasets/realmed/data/eval-*.parquet" --output_dir OUT
 
 Writes OUT/results.json (every metric, also as huggingface_hub EvalResult fields for the model card),

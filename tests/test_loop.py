@@ -1,0 +1,56 @@
+"""The one optimisation step (training/loop.py) that pretraining, fine-tuning and the open_clip baseline share: a
+non-finite step changes nothing and is reported, the next one trains."""
+
+import functools
+from argparse import Namespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from training.loop import contrastive_forward, train_step
+
+LABELS = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
+
+
+def prepared(model):
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return accelerator, model, optimizer, scheduler
+
+
+def assert_skips_then_trains(model, batch, forward, changed: str):
+    accelerator, model, optimizer, scheduler = prepared(model)
+    poisoned = {**batch, "pixel_values": torch.full_like(batch["pixel_values"], float("nan"))}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    out, finite = train_step(accelerator, model, poisoned, optimizer, scheduler, 1.0, True, forward)
+    assert not finite and not torch.isfinite(out.loss)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters()), "no update from a NaN step"
+    assert all(p.grad is None for p in model.parameters())
+    out, finite = train_step(accelerator, model, batch, optimizer, scheduler, 1.0, True, forward)
+    assert finite and torch.isfinite(out.loss)
+    assert not torch.equal(before[changed], dict(model.named_parameters())[changed])
+
+
+def test_a_non_finite_pretraining_step_is_skipped_and_training_continues(model, batch):
+    forward = functools.partial(contrastive_forward, device=torch.device("cpu"))
+    assert_skips_then_trains(model, {**batch, "report_type_labels": LABELS}, forward, "image_projection.weight")
+
+
+@pytest.mark.parametrize("task", ["classification", "contrastive"])
+def test_finetuning_steps_are_guarded_the_same_way(task, nano_config, batch):
+    from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
+    from training.finetune import task_forward
+
+    classes = ["CT", "MRI", "X-ray"]
+    if task == "classification":
+        labels = {"id2label": dict(enumerate(classes)), "label2id": {name: i for i, name in enumerate(classes)}}
+        model = MedMoEForImageClassification(nano_config.__class__.from_dict({**nano_config.to_dict(), **labels}))
+        changed = "classifier.weight"
+    else:
+        model, changed = MedMoEModel(nano_config), "text_projection.weight"
+    rows = {**batch, "report_type_labels": LABELS, "metadata": {"modality": ["CT", "MRI", "X-ray", "CT"] * 2}}
+    forward = task_forward(Namespace(task=task, label_column="modality"), classes, torch.device("cpu"))
+    assert_skips_then_trains(model, rows, forward, changed)
