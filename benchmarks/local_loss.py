@@ -25,10 +25,14 @@ from benchmarks.common import median_seconds, print_json, print_table  # noqa: E
 from modeling_medmoe import MedMoEConfig  # noqa: E402
 from modeling_medmoe.losses import local_contrastive_loss  # noqa: E402
 
-TEMPERATURES = (4.0, 5.0, 10.0)
+TEMPERATURES = (  # GLoRIA's temp1, temp2, temp3, as MedMoEConfig holds them
+    MedMoEConfig.local_temperature_attention,
+    MedMoEConfig.local_temperature_word,
+    MedMoEConfig.local_temperature_logits,
+)
 
 
-def per_caption_loop_loss(words, word_mask, regions, temp1=4.0, temp2=5.0, temp3=10.0):
+def per_caption_loop_loss(words, word_mask, regions, temp1, temp2, temp3):
     """The authors' loop: one caption at a time, batched over all images (GLoRIA's local_loss)."""
     batch = regions.shape[0]
     context = regions.transpose(1, 2)  # [images, P, regions]
@@ -70,12 +74,13 @@ def peak_rss_megabytes(chunk_size: int, batch: int, grid: int) -> float:
     RSS before the loss, in MB."""
     code = (
         "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
-        "from benchmarks.local_loss import inputs; from modeling_medmoe.losses import local_contrastive_loss\n"
+        "from benchmarks.local_loss import TEMPERATURES, inputs\n"
+        "from modeling_medmoe.losses import local_contrastive_loss\n"
         "def status(key):\n"
         "    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))\n"
         f"w, m, r = inputs({batch}, 25, {grid}, 256)\n"
         "open('/proc/self/clear_refs', 'w').write('5'); before = status('VmRSS:')\n"
-        f"local_contrastive_loss(w, m, r, chunk_size={chunk_size}).backward()\n"
+        f"local_contrastive_loss(w, m, r, *TEMPERATURES, chunk_size={chunk_size}).backward()\n"
         "print((status('VmHWM:') - before) / 1024)\n"
     )
     root = str(Path(__file__).resolve().parents[1])
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     for grid in (14, 28):
         word_embeds, word_mask, regions = inputs(32, 25, grid, 256)
         with torch.no_grad():
-            reference = per_caption_loop_loss(word_embeds, word_mask, regions)
+            reference = per_caption_loop_loss(word_embeds, word_mask, regions, *TEMPERATURES)
             ours = local_contrastive_loss(word_embeds, word_mask, regions, *TEMPERATURES, chunk_size=args.chunk_size)
         loop = median_seconds(step(per_caption_loop_loss, word_embeds, word_mask, regions), repeats)
         vectorised = median_seconds(

@@ -51,7 +51,11 @@ class MedMoEVisionConfig(PreTrainedConfig):
             GroupNorm -> GELU -> 3x3 conv per scale (GroupNorm does not depend on the batch).
         scale_attention_hidden_dim: hidden width of the per-location scale-attention MLP (default D // 2).
         local_grid_size: side of the grid all scales are resized to (default: the finest level, H/4).
-        router_hidden_dim: hidden width of the router MLPs (default: half the coarsest level's channels).
+        router_hidden_dim: hidden width of the router MLPs (default: `router_hidden_ratio` of the coarsest level's
+            channels, at least the number of experts).
+        router_hidden_ratio: see `router_hidden_dim`.
+        norm_groups: GroupNorm groups in the expert blocks (the greatest common divisor with D when D is not a
+            multiple).
         expert_dispatch: "sparse" runs each sample through its chosen expert only; "dense" runs all K experts and
             keeps the chosen output (the authors' way; for comparison and benchmarks).
     """
@@ -69,6 +73,8 @@ class MedMoEVisionConfig(PreTrainedConfig):
     scale_attention_hidden_dim: int | None = None
     local_grid_size: int | None = None
     router_hidden_dim: int | None = None
+    router_hidden_ratio: float = 0.5
+    norm_groups: int = 32
     expert_dispatch: Literal["sparse", "dense"] = "sparse"
 
     def validate_architecture(self):
@@ -97,6 +103,7 @@ class MedMoEConfig(PreTrainedConfig):
             inference); pass ``expert_index`` to choose by hand.
         text_hidden_layers_to_sum: the text features are the sum of this many last hidden layers (GLoRIA: 4).
         logit_scale_init_value: initial log of the global contrastive logit scale (CLIP: log(1 / 0.07)).
+        logit_scale_max: the logit scale's cap (CLIP: 100).
         local_temperature_attention / local_temperature_word / local_temperature_logits: GLoRIA's temp1, temp2 and
             temp3 (4, 5, 10).
         local_loss_chunk_size: captions per chunk in the local loss (bounds memory; 0 = no chunking).
@@ -120,6 +127,7 @@ class MedMoEConfig(PreTrainedConfig):
     router_input: Literal["image", "text", "text_teacher"] = "image"
     text_hidden_layers_to_sum: int = 4
     logit_scale_init_value: float = 2.6592
+    logit_scale_max: float = 100.0
     local_temperature_attention: float = 4.0
     local_temperature_word: float = 5.0
     local_temperature_logits: float = 10.0

@@ -18,11 +18,11 @@ class ScaleProjection(nn.Sequential):
     the expert's micro-batch.
     """
 
-    def __init__(self, in_channels: int, width: int, depth: int):
+    def __init__(self, in_channels: int, width: int, depth: int, norm_groups: int):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, kernel_size=1)]
         for _ in range(depth - 1):
             layers += [
-                nn.GroupNorm(math.gcd(32, width), width),
+                nn.GroupNorm(math.gcd(norm_groups, width), width),
                 nn.GELU(),
                 nn.Conv2d(width, width, kernel_size=3, padding=1),
             ]
@@ -42,7 +42,7 @@ class ScaleFusionExpert(nn.Module):
         width = config.expert_dim
         hidden = config.scale_attention_hidden_dim or width // 2
         self.projections = nn.ModuleList(
-            ScaleProjection(channels, width, config.expert_depth) for channels in level_channels
+            ScaleProjection(channels, width, config.expert_depth, config.norm_groups) for channels in level_channels
         )
         self.scale_scorer = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 

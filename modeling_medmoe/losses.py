@@ -147,9 +147,9 @@ def local_contrastive_loss(
     word_embeds: torch.Tensor,
     word_mask: torch.Tensor,
     region_embeds: torch.Tensor,
-    attention_temperature: float = 4.0,
-    word_temperature: float = 5.0,
-    logits_temperature: float = 10.0,
+    attention_temperature: float,
+    word_temperature: float,
+    logits_temperature: float,
     chunk_size: int = 0,
 ) -> torch.Tensor:
     """GLoRIA local loss: symmetric CE over temp3 * s, s from `caption_image_scores` for every caption-image pair

@@ -30,8 +30,6 @@ from .text import TextTower, merge_word_pieces
 from .vision import VisionPyramid
 from .zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings, zero_shot_probabilities
 
-MAX_LOGIT_SCALE = 100.0
-
 
 @dataclass
 class MedMoEOutput(ModelOutput):
@@ -131,7 +129,9 @@ class MedMoEPreTrainedModel(PreTrainedModel):
         self.vision_pyramid = VisionPyramid(vision_config)
         levels = self.vision_pyramid.channels
         self.experts = MixtureOfModalityExperts(levels, config.num_experts, vision_config)
-        self.router_hidden_dim = vision_config.router_hidden_dim or max(levels[-1] // 2, config.num_experts)
+        self.router_hidden_dim = vision_config.router_hidden_dim or max(
+            int(vision_config.router_hidden_ratio * levels[-1]), config.num_experts
+        )
         self.image_router = RouterMLP(levels[-1], self.router_hidden_dim, config.num_experts)
         self.image_projection = Head(vision_config.expert_dim, config.projection_dim)
         grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
@@ -267,8 +267,8 @@ class MedMoEModel(MedMoEPreTrainedModel):
         return zero_shot_probabilities(image_embeds, class_embeds, self.clamped_logit_scale().float())
 
     def clamped_logit_scale(self) -> torch.Tensor:
-        """exp(logit_scale), capped at MAX_LOGIT_SCALE (CLIP's cap)."""
-        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """exp(logit_scale), capped at `config.logit_scale_max`."""
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
     def forward(
         self,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.local_loss import inputs, per_caption_loop_loss
+from benchmarks.local_loss import TEMPERATURES, inputs, per_caption_loop_loss
 from modeling_medmoe.losses import local_contrastive_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ def test_benchmark_has_help_and_quick(script):
 
 def test_the_loop_baseline_computes_the_same_loss_and_gradients():
     word_embeds, word_mask, regions = inputs(6, 7, 4, 16)
-    loop = per_caption_loop_loss(word_embeds, word_mask, regions)
+    loop = per_caption_loop_loss(word_embeds, word_mask, regions, *TEMPERATURES)
     loop_gradients = torch.autograd.grad(loop, (word_embeds, regions))
-    ours = local_contrastive_loss(word_embeds, word_mask, regions, chunk_size=4)
+    ours = local_contrastive_loss(word_embeds, word_mask, regions, *TEMPERATURES, chunk_size=4)
     our_gradients = torch.autograd.grad(ours, (word_embeds, regions))
     torch.testing.assert_close(ours, loop, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(our_gradients, loop_gradients, atol=1e-5, rtol=1e-4)

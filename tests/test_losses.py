@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.local_loss import TEMPERATURES
 from modeling_medmoe import UNKNOWN_REPORT_TYPE
 from modeling_medmoe.losses import (
     global_contrastive_loss,
@@ -65,7 +66,7 @@ def padded_words():
 def test_local_loss_matches_per_caption_loop_with_padding(padded_words, chunk_size):
     words, mask, regions, lengths = padded_words
     expected = reference_local_loss([words[i, :n] for i, n in enumerate(lengths)], regions, 4.0, 5.0, 10.0)
-    loss = local_contrastive_loss(words, mask, regions, 4.0, 5.0, 10.0, chunk_size=chunk_size)
+    loss = local_contrastive_loss(words, mask, regions, *TEMPERATURES, chunk_size=chunk_size)
     torch.testing.assert_close(loss, expected)
 
 
@@ -74,7 +75,7 @@ def test_chunked_local_loss_has_the_same_gradients(padded_words):
     gradients = []
     for chunk_size in (0, 2):
         words_leaf, regions_leaf = words.clone().requires_grad_(), regions.clone().requires_grad_()
-        local_contrastive_loss(words_leaf, mask, regions_leaf, chunk_size=chunk_size).backward()
+        local_contrastive_loss(words_leaf, mask, regions_leaf, *TEMPERATURES, chunk_size=chunk_size).backward()
         gradients.append((words_leaf.grad, regions_leaf.grad))
     torch.testing.assert_close(gradients[0], gradients[1])
     assert torch.all(gradients[0][0][~mask] == 0)
@@ -86,7 +87,7 @@ def test_local_loss_leaves_out_captions_without_words(padded_words):
     mask[2] = False
     kept = [0, 1, 3, 4]
     expected = reference_local_loss([words[i, : lengths[i]] for i in kept], regions[kept], 4.0, 5.0, 10.0)
-    torch.testing.assert_close(local_contrastive_loss(words, mask, regions), expected)
+    torch.testing.assert_close(local_contrastive_loss(words, mask, regions, *TEMPERATURES), expected)
 
 
 def test_word_pieces_are_summed_into_words():
@@ -122,6 +123,6 @@ def test_load_balancing_loss_is_one_when_balanced_and_larger_when_not():
 def test_local_loss_without_any_words_is_zero_with_finite_gradients(padded_words):
     words, _, regions, _ = padded_words
     words = words.clone().requires_grad_()
-    loss = local_contrastive_loss(words, torch.zeros(words.shape[:2], dtype=torch.bool), regions)
+    loss = local_contrastive_loss(words, torch.zeros(words.shape[:2], dtype=torch.bool), regions, *TEMPERATURES)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(words.grad).all()
