@@ -37,19 +37,27 @@ class MedMoEOutput(ModelOutput):
     grid, W words, D = expert_dim.
 
     Args:
-        loss: weighted total of the loss parts below (when `return_loss=True`).
-        logits_per_image: [B_i, B_t] scaled cosine similarities; `logits_per_text` is its transpose.
-        image_embeds, text_embeds: [B_i, P], [B_t, P], L2-normalised global embeddings.
-        region_embeds: [B_i, h * w, P] local image embeddings (row-major over the grid); present with `word_ids`.
-        word_embeds: [B_t, W, P] word embeddings (word pieces merged, special tokens and punctuation dropped);
-            word_mask [B_t, W] marks real words. Present when `word_ids` is given.
-        word_region_attention: [B, W, h, w] attention of each report's words over its own image (paired batches).
+        loss: [] weighted total of the loss parts below (with `return_loss=True`).
+        logits_per_image: [B_i, B_t] scaled cosine similarities of every image with every report.
+        logits_per_text: [B_t, B_i] the transpose of `logits_per_image`.
+        image_embeds: [B_i, P] L2-normalised global image embeddings.
+        text_embeds: [B_t, P] L2-normalised global report embeddings.
+        region_embeds: [B_i, h * w, P] local image embeddings, row-major over the grid (with `word_ids`).
+        word_embeds: [B_t, W, P] word embeddings: word pieces merged, special tokens and punctuation dropped (with
+            `word_ids`).
+        word_mask: [B_t, W] True for real words (with `word_ids`).
+        word_region_attention: [B, W, h, w] attention of each report's words over its own image (paired batches
+            with `word_ids`).
         local_map: [B_i, D, h, w] the chosen expert's fused multi-scale map.
         scale_attention: [B_i, 4, h, w] the chosen expert's softmax over pyramid levels at each location.
-        router_logits: [B_i, K] the image router's logits; text_router_logits: [B_t, K] the report router's
-            (also the report-type classifier of the paper's section 4.5).
+        router_logits: [B_i, K] the image router's logits.
+        text_router_logits: [B_t, K] the report router's logits (the report-type classifier of the paper's 4.5).
         expert_index: [B_i] the expert each image was routed to.
-        global_loss, local_loss, report_type_loss, router_loss, load_balance_loss: the unweighted loss parts.
+        global_loss: [] the image-report InfoNCE, unweighted.
+        local_loss: [] GLoRIA's word-region loss, unweighted (when its weight is above 0).
+        report_type_loss: [] the report router's cross-entropy against the report type (with labels).
+        router_loss: [] the image router's cross-entropy (with labels).
+        load_balance_loss: [] the Switch load-balancing loss (when its weight is above 0).
     """
 
     loss: torch.FloatTensor | None = None
@@ -295,83 +303,91 @@ class MedMoEModel(MedMoEPreTrainedModel):
             expert_index: [B_i] force these experts instead of routing.
             return_loss: compute the losses (needs paired batches, B_i == B_t).
         """
-        text = image = None
-        if input_ids is not None:
-            text = self.encode_text(input_ids, attention_mask, token_type_ids, word_ids)
+        text = self.encode_text(input_ids, attention_mask, token_type_ids, word_ids) if input_ids is not None else None
+        image = None
         if pixel_values is not None:
             text_router_logits = text.text_router_logits if text is not None else None
             image = self.encode_image(pixel_values, expert_index, text_router_logits)
-        output = MedMoEOutput(
-            text_embeds=F.normalize(text.text_embeds, dim=-1) if text is not None else None,
-            word_embeds=text.word_embeds if text is not None else None,
-            word_mask=text.word_mask if text is not None else None,
-            text_router_logits=text.text_router_logits if text is not None else None,
-        )
-        if image is not None:
-            output.image_embeds = F.normalize(image.image_embeds, dim=-1)
-            output.local_map = image.local_map
-            output.scale_attention = image.scale_attention
-            output.router_logits = image.router_logits
-            output.expert_index = image.expert_index
+        if return_loss and (text is None or image is None):
+            raise ValueError("return_loss=True needs both input_ids and pixel_values.")
+        text_embeds = F.normalize(text.text_embeds, dim=-1) if text is not None else None
+        image_embeds = F.normalize(image.image_embeds, dim=-1) if image is not None else None
+        logits_per_text = region_embeds = word_region_attention = None
+        losses = {}
         if text is not None and image is not None:
             logit_scale = self.clamped_logit_scale()
-            output.logits_per_text = logit_scale * output.text_embeds @ output.image_embeds.T
-            output.logits_per_image = output.logits_per_text.T
+            logits_per_text = logit_scale * text_embeds @ image_embeds.T
             if text.word_embeds is not None:
-                output.region_embeds = self.region_projection(image.regions)
-                if output.region_embeds.shape[0] == text.word_embeds.shape[0]:
-                    output.word_region_attention = self._paired_word_region_attention(output)
+                region_embeds = self.region_projection(image.regions)
+                if region_embeds.shape[0] == text.word_embeds.shape[0]:
+                    word_region_attention = self._paired_word_region_attention(text, region_embeds)
             if return_loss:
-                self._add_losses(output, text, image, logit_scale, report_type_labels)
-        elif return_loss:
-            raise ValueError("return_loss=True needs both input_ids and pixel_values.")
+                losses = self._losses(
+                    text, image, text_embeds, image_embeds, region_embeds, logit_scale, report_type_labels
+                )
+        output = MedMoEOutput(
+            logits_per_image=logits_per_text.T if logits_per_text is not None else None,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            region_embeds=region_embeds,
+            word_embeds=text.word_embeds if text is not None else None,
+            word_mask=text.word_mask if text is not None else None,
+            word_region_attention=word_region_attention,
+            local_map=image.local_map if image is not None else None,
+            scale_attention=image.scale_attention if image is not None else None,
+            router_logits=image.router_logits if image is not None else None,
+            text_router_logits=text.text_router_logits if text is not None else None,
+            expert_index=image.expert_index if image is not None else None,
+            **losses,
+        )
         return output if return_dict is not False else output.to_tuple()
 
-    def _paired_word_region_attention(self, output: MedMoEOutput) -> torch.Tensor:
+    def _paired_word_region_attention(self, text: TextEncoding, region_embeds: torch.Tensor) -> torch.Tensor:
         """Attention of report i's words over image i's regions: [B, W, h, w]."""
-        scores = torch.einsum("bwp,brp->bwr", output.word_embeds, output.region_embeds)
-        attention = word_region_attention(scores, output.word_mask, self.config.local_temperature_attention)
+        scores = torch.einsum("bwp,brp->bwr", text.word_embeds, region_embeds)
+        attention = word_region_attention(scores, text.word_mask, self.config.local_temperature_attention)
         return attention.unflatten(-1, self.local_grid_size)
 
-    def _add_losses(
+    def _losses(
         self,
-        output: MedMoEOutput,
         text: TextEncoding,
         image: ImageEncoding,
+        text_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        region_embeds: torch.Tensor | None,
         logit_scale: torch.Tensor,
         report_type_labels: torch.Tensor | None,
-    ) -> None:
-        """Fill the loss parts and their weighted total into `output`."""
+    ) -> dict[str, torch.Tensor]:
+        """The loss parts that apply and their weighted total `loss`, as MedMoEOutput fields."""
         config = self.config
-        if output.image_embeds.shape[0] != output.text_embeds.shape[0]:
+        if image_embeds.shape[0] != text_embeds.shape[0]:
             raise ValueError("The losses need one report per image (paired batches).")
-        output.global_loss = global_contrastive_loss(
-            output.image_embeds.float(), output.text_embeds.float(), logit_scale.float()
-        )
-        loss = config.global_loss_weight * output.global_loss
+        parts = {"global_loss": global_contrastive_loss(image_embeds.float(), text_embeds.float(), logit_scale.float())}
+        loss = config.global_loss_weight * parts["global_loss"]
         if config.local_loss_weight > 0:
             if text.word_embeds is None:
                 raise ValueError("The local loss needs word_ids (MedMoEProcessor returns them).")
-            output.local_loss = local_contrastive_loss(
-                output.word_embeds.float(),
-                output.word_mask,
-                output.region_embeds.float(),
+            parts["local_loss"] = local_contrastive_loss(
+                text.word_embeds.float(),
+                text.word_mask,
+                region_embeds.float(),
                 config.local_temperature_attention,
                 config.local_temperature_word,
                 config.local_temperature_logits,
                 config.local_loss_chunk_size,
             )
-            loss = loss + config.local_loss_weight * output.local_loss
+            loss = loss + config.local_loss_weight * parts["local_loss"]
         if report_type_labels is not None and config.num_experts > 1:
-            output.report_type_loss = report_type_cross_entropy(text.text_router_logits, report_type_labels)
-            output.router_loss = self._router_loss(text, image, report_type_labels)
-            loss = loss + config.report_type_loss_weight * output.report_type_loss
-            loss = loss + config.router_loss_weight * output.router_loss
+            parts["report_type_loss"] = report_type_cross_entropy(text.text_router_logits, report_type_labels)
+            parts["router_loss"] = self._router_loss(text, image, report_type_labels)
+            loss = loss + config.report_type_loss_weight * parts["report_type_loss"]
+            loss = loss + config.router_loss_weight * parts["router_loss"]
         if config.load_balance_loss_weight > 0:
             routing_logits = self.routing_logits(image.router_logits, text.text_router_logits)
-            output.load_balance_loss = load_balancing_loss(routing_logits.float(), image.expert_index)
-            loss = loss + config.load_balance_loss_weight * output.load_balance_loss
-        output.loss = loss
+            parts["load_balance_loss"] = load_balancing_loss(routing_logits.float(), image.expert_index)
+            loss = loss + config.load_balance_loss_weight * parts["load_balance_loss"]
+        return {"loss": loss, **parts}
 
     def _router_loss(self, text: TextEncoding, image: ImageEncoding, report_type_labels: torch.Tensor):
         """The image router's cross-entropy: against the report type ("image" and "text"; with "text" the image
