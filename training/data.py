@@ -409,3 +409,38 @@ def build_loader(
     prepare = RowPreparer(processor, list(expert_names), image_column, text_column, report_type_column, present)
     batches = BatchStream(prepared, prepare, BatchCollator(processor, max_length), batch_size, drop_last=training)
     return make_dataloader(batches, num_workers, in_order=not training)
+
+
+def script_loaders(args, accelerator, processor, train_stream, image_column: str, text_column: str, expert_names,
+                   metadata_columns: tuple[str, ...] = ()):  # fmt: skip
+    """(train loader, held-out loader) for a training script with the data flags (`add_data_arguments`) and
+    --per_device_{train,eval}_batch_size, --max_length, --seed, --max_eval_samples: this process's shuffled part of
+    the train stream; the first --max_eval_samples eval rows, or None for --train_files without --eval_files."""
+    shared = {
+        "image_column": image_column,
+        "text_column": text_column,
+        "expert_names": expert_names,
+        "report_type_column": args.report_type_column,
+        "metadata_columns": metadata_columns,
+        "max_length": args.max_length,
+        "num_workers": args.num_workers,
+    }
+    train_loader = build_loader(
+        train_stream,
+        processor,
+        batch_size=args.per_device_train_batch_size,
+        training=True,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        shuffle_seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer,
+        **shared,
+    )
+    if args.train_files and not args.eval_files:
+        return train_loader, None
+    eval_stream = load_stream(DataOptions.from_args(args), "eval")
+    eval_loader = build_loader(
+        eval_stream, processor, batch_size=args.per_device_eval_batch_size, training=False,
+        max_rows=args.max_eval_samples, **shared,
+    )  # fmt: skip
+    return train_loader, eval_loader

@@ -175,33 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     expert_names = list((model.get_base_model() if args.lora else model).config.expert_names)
     keep = (args.label_column,) if args.task == "classification" else ()
 
-    shared = {
-        "image_column": image_column,
-        "text_column": text_column,
-        "expert_names": expert_names,
-        "report_type_column": args.report_type_column,
-        "metadata_columns": keep,
-        "max_length": args.max_length,
-        "num_workers": args.num_workers,
-    }
-    train_loader = data_module.build_loader(
-        train_stream,
-        processor,
-        batch_size=args.per_device_train_batch_size,
-        training=True,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        shuffle_seed=args.seed,
-        shuffle_buffer=args.shuffle_buffer,
-        **shared,
-    )
-    eval_loader = data_module.build_loader(
-        data_module.load_stream(options, "eval"),
-        processor,
-        batch_size=args.per_device_eval_batch_size,
-        training=False,
-        max_rows=args.max_eval_samples,
-        **shared,
+    train_loader, eval_loader = data_module.script_loaders(
+        args, accelerator, processor, train_stream, image_column, text_column, expert_names, keep
     )
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler(
@@ -241,7 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        if args.task == "classification":
+        if eval_loader is None:
+            metrics = {}
+            print("No evaluation: pass --eval_files (or a dataset with an eval split).")
+        elif args.task == "classification":
             metrics = evaluate_classifier(unwrapped, eval_loader, accelerator.device, args.label_column, classes)
         else:
             metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device, args)

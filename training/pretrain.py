@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
             args, train_stream, text_column, args.output_dir / "tokenizer", accelerator.is_main_process
         )
     model, processor = build_model_and_processor(args, tokenizer)
-    train_loader, eval_loader = build_loaders(
-        args, accelerator, options, processor, model.config, train_stream, image_column, text_column
+    ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
+    train_loader, eval_loader = data_module.script_loaders(
+        args, accelerator, processor, train_stream, image_column, text_column, model.config.expert_names, ground_truth
     )
     optimizer, scheduler = build_optimizer_and_schedule(args, accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -321,42 +322,6 @@ def build_model_and_processor(args: argparse.Namespace, tokenizer) -> tuple[MedM
         image_processor=MedMoEImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer
     )
     return model, processor
-
-
-def build_loaders(args, accelerator, options, processor, config, train_stream, image_column, text_column):
-    """(train loader: this process's part, shuffled; held-out loader: the first --max_eval_samples eval rows, or
-    None with --train_files and no --eval_files)."""
-    shared = {
-        "image_column": image_column,
-        "text_column": text_column,
-        "expert_names": config.expert_names,
-        "report_type_column": args.report_type_column,
-        "metadata_columns": tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip()),
-        "max_length": args.max_length,
-        "num_workers": args.num_workers,
-    }
-    train_loader = data_module.build_loader(
-        train_stream,
-        processor,
-        batch_size=args.per_device_train_batch_size,
-        training=True,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        shuffle_seed=args.seed,
-        shuffle_buffer=args.shuffle_buffer,
-        **shared,
-    )
-    if args.train_files and not args.eval_files:
-        return train_loader, None
-    eval_loader = data_module.build_loader(
-        data_module.load_stream(options, "eval"),
-        processor,
-        batch_size=args.per_device_eval_batch_size,
-        training=False,
-        max_rows=args.max_eval_samples,
-        **shared,
-    )
-    return train_loader, eval_loader
 
 
 def build_optimizer_and_schedule(args, accelerator, model):
