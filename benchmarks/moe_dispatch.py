@@ -39,7 +39,7 @@ def image_side_step(model, pixels, experts, text_embeds, word_embeds, word_mask)
     """Backbone + MoE head forward and backward with both losses against fixed text-side tensors."""
 
     def run():
-        image = model.encode_image(pixels, expert_index=experts)
+        image = model.vision_model(pixels, expert_index=experts)
         regions = model.region_projection(image.regions)
         config = model.config
         loss = global_contrastive_loss(F.normalize(image.image_embeds, dim=-1), text_embeds, model.logit_scale.exp())

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -109,6 +111,71 @@ class Head(nn.Linear):
     """A linear head of ours (projections, classifier): `_init_weights` initialises it, unlike the towers' layers."""
 
 
+class MedMoEVisionModel(nn.Module):
+    """The image side, as CLIP's vision transformer inside CLIPModel: the vision pyramid, the image router, the
+    modality experts and the image projection.
+
+    `route` runs the pyramid and the router, `encode` the chosen experts and the projection; between the two the
+    caller chooses the experts (`MedMoEModel.choose_experts`: a given index, the image router, or while training the
+    paired reports' router). `forward` does all three with this module's own router.
+    """
+
+    def __init__(self, config: MedMoEConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.vision_pyramid = VisionPyramid(vision_config)
+        levels = self.vision_pyramid.channels
+        self.experts = MixtureOfModalityExperts(levels, config.num_experts, vision_config)
+        router_hidden_dim = vision_config.router_hidden_dim or max(
+            int(vision_config.router_hidden_ratio * levels[-1]), config.num_experts
+        )
+        self.image_router = RouterMLP(levels[-1], router_hidden_dim, config.num_experts)
+        self.image_projection = Head(vision_config.expert_dim, config.projection_dim)
+        grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
+        self.local_grid_size = (grid, grid)
+
+    def route(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """pixel_values [B, 3, H, W] -> (the 4 pyramid levels [B, C_l, H_l, W_l], router logits [B, K])."""
+        levels = self.vision_pyramid(pixel_values)
+        return levels, self.image_router(levels[-1].mean(dim=(2, 3)))
+
+    def encode(
+        self,
+        levels: list[torch.Tensor],
+        router_logits: torch.Tensor,
+        expert_index: torch.Tensor,
+        gate_log_probability: torch.Tensor,
+    ) -> ImageEncoding:
+        """The chosen experts ([B]; log p of each choice [B] scales the output, see MixtureOfModalityExperts) and
+        the projection -> `ImageEncoding`."""
+        local_map, scale_attention = self.experts(levels, expert_index, gate_log_probability, self.local_grid_size)
+        regions = local_map.flatten(2).transpose(1, 2)  # [B, h * w, D]
+        return ImageEncoding(
+            image_embeds=self.image_projection(regions.mean(dim=1)),
+            regions=regions,
+            local_map=local_map,
+            scale_attention=scale_attention,
+            router_logits=router_logits,
+            expert_index=expert_index,
+        )
+
+    def forward(self, pixel_values: torch.Tensor, expert_index: torch.Tensor | None = None) -> ImageEncoding:
+        """pixel_values [B, 3, H, W] -> `ImageEncoding`, the experts `expert_index` [B] or the image router's."""
+        levels, router_logits = self.route(pixel_values)
+        expert_index, gate_log_probability = choose_experts(router_logits, expert_index)
+        return self.encode(levels, router_logits, expert_index, gate_log_probability)
+
+
+def choose_experts(
+    routing_logits: torch.Tensor, expert_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert_index [B]: the given one or the argmax of `routing_logits` [B, K]; log p [B] of each chosen expert)."""
+    log_probabilities = routing_logits.float().log_softmax(dim=-1)
+    if expert_index is None:
+        expert_index = log_probabilities.argmax(dim=-1)
+    return expert_index, log_probabilities.gather(1, expert_index[:, None]).squeeze(1)
+
+
 class MedMoEPreTrainedModel(PreTrainedModel):
     config: MedMoEConfig
     config_class = MedMoEConfig
@@ -129,65 +196,6 @@ class MedMoEPreTrainedModel(PreTrainedModel):
             self._init_own_layers(module)
         elif isinstance(module, MedMoEModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-
-    def build_image_side(self, config: MedMoEConfig) -> None:
-        """The vision pyramid, the image router, the experts and the image projection, under the same names in every
-        MedMoE class, so a pretrained MedMoEModel folder loads into any of them."""
-        vision_config = config.vision_config
-        self.vision_pyramid = VisionPyramid(vision_config)
-        levels = self.vision_pyramid.channels
-        self.experts = MixtureOfModalityExperts(levels, config.num_experts, vision_config)
-        self.router_hidden_dim = vision_config.router_hidden_dim or max(
-            int(vision_config.router_hidden_ratio * levels[-1]), config.num_experts
-        )
-        self.image_router = RouterMLP(levels[-1], self.router_hidden_dim, config.num_experts)
-        self.image_projection = Head(vision_config.expert_dim, config.projection_dim)
-        grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
-        self.local_grid_size = (grid, grid)
-
-    def encode_image(
-        self,
-        pixel_values: torch.Tensor,
-        expert_index: torch.Tensor | None = None,
-        text_router_logits: torch.Tensor | None = None,
-    ) -> ImageEncoding:
-        """Image side. pixel_values [B, 3, H, W] -> `ImageEncoding`.
-
-        The expert is `expert_index` [B] when given (e.g. a known modality), otherwise the router's choice (see
-        `routing_logits`; `text_router_logits` [B, K] are the paired reports' while training).
-        """
-        levels = self.vision_pyramid(pixel_values)
-        router_logits = self.image_router(levels[-1].mean(dim=(2, 3)))
-        log_probabilities = self.routing_logits(router_logits, text_router_logits).float().log_softmax(dim=-1)
-        if expert_index is None:
-            expert_index = log_probabilities.argmax(dim=-1)
-        gate_log_probability = log_probabilities.gather(1, expert_index[:, None]).squeeze(1)
-        local_map, scale_attention = self.experts(levels, expert_index, gate_log_probability, self.local_grid_size)
-        regions = local_map.flatten(2).transpose(1, 2)  # [B, h * w, D]
-        return ImageEncoding(
-            image_embeds=self.image_projection(regions.mean(dim=1)),
-            regions=regions,
-            local_map=local_map,
-            scale_attention=scale_attention,
-            router_logits=router_logits,
-            expert_index=expert_index,
-        )
-
-    def routing_logits(self, image_router_logits: torch.Tensor, text_router_logits: torch.Tensor | None):
-        """The logits the expert is chosen by: the image router's, except while training with `router_input`
-        "text" or "text_teacher" and one paired report per image, when the report's router decides.
-
-        Outside training the image router always decides: at inference nobody has an image's own report, and the
-        texts passed with images (zero-shot prompts, retrieval candidates) must not choose the images' experts.
-        """
-        if self.config.router_input == "image" or not self.training or text_router_logits is None:
-            return image_router_logits
-        if text_router_logits.shape[0] != image_router_logits.shape[0]:
-            raise ValueError(
-                f"router_input={self.config.router_input!r} routes each training image by its paired report, but got "
-                f"{image_router_logits.shape[0]} images and {text_router_logits.shape[0]} reports."
-            )
-        return text_router_logits
 
     def _init_own_layers(self, module: nn.Module) -> None:
         for layer in module.modules():
@@ -211,10 +219,11 @@ class MedMoEModel(MedMoEPreTrainedModel):
 
     def __init__(self, config: MedMoEConfig):
         super().__init__(config)
-        self.build_image_side(config)
+        self.vision_model = MedMoEVisionModel(config)
         self.text_tower = TextTower(config.text_config, config.text_hidden_layers_to_sum)
         text_hidden = config.text_config.hidden_size
-        self.text_router = RouterMLP(text_hidden, self.router_hidden_dim, config.num_experts)
+        router_hidden_dim = self.vision_model.image_router[0].out_features
+        self.text_router = RouterMLP(text_hidden, router_hidden_dim, config.num_experts)
         self.region_projection = Head(config.vision_config.expert_dim, config.projection_dim)
         self.text_projection = Head(text_hidden, config.projection_dim)
         self.word_projection = Head(text_hidden, config.projection_dim)
@@ -248,7 +257,7 @@ class MedMoEModel(MedMoEPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """pooler_output: the projected global image embedding [B, P] (not normalised, as CLIP);
         last_hidden_state: the chosen expert's local map as a sequence [B, h * w, D]."""
-        image = self.encode_image(pixel_values, expert_index=expert_index)
+        image = self.vision_model(pixel_values, expert_index=expert_index)
         return BaseModelOutputWithPooling(last_hidden_state=image.regions, pooler_output=image.image_embeds)
 
     def get_text_features(
@@ -306,8 +315,12 @@ class MedMoEModel(MedMoEPreTrainedModel):
         text = self.encode_text(input_ids, attention_mask, token_type_ids, word_ids) if input_ids is not None else None
         image = None
         if pixel_values is not None:
+            levels, router_logits = self.vision_model.route(pixel_values)
             text_router_logits = text.text_router_logits if text is not None else None
-            image = self.encode_image(pixel_values, expert_index, text_router_logits)
+            chosen, gate_log_probability = choose_experts(
+                self.routing_logits(router_logits, text_router_logits), expert_index
+            )
+            image = self.vision_model.encode(levels, router_logits, chosen, gate_log_probability)
         if return_loss and (text is None or image is None):
             raise ValueError("return_loss=True needs both input_ids and pixel_values.")
         text_embeds = F.normalize(text.text_embeds, dim=-1) if text is not None else None
@@ -347,7 +360,23 @@ class MedMoEModel(MedMoEPreTrainedModel):
         """Attention of report i's words over image i's regions: [B, W, h, w]."""
         scores = torch.einsum("bwp,brp->bwr", text.word_embeds, region_embeds)
         attention = word_region_attention(scores, text.word_mask, self.config.local_temperature_attention)
-        return attention.unflatten(-1, self.local_grid_size)
+        return attention.unflatten(-1, self.vision_model.local_grid_size)
+
+    def routing_logits(self, image_router_logits: torch.Tensor, text_router_logits: torch.Tensor | None):
+        """The logits the expert is chosen by: the image router's, except while training with `router_input`
+        "text" or "text_teacher" and one paired report per image, when the report's router decides.
+
+        Outside training the image router always decides: at inference nobody has an image's own report, and the
+        texts passed with images (zero-shot prompts, retrieval candidates) must not choose the images' experts.
+        """
+        if self.config.router_input == "image" or not self.training or text_router_logits is None:
+            return image_router_logits
+        if text_router_logits.shape[0] != image_router_logits.shape[0]:
+            raise ValueError(
+                f"router_input={self.config.router_input!r} routes each training image by its paired report, but got "
+                f"{image_router_logits.shape[0]} images and {text_router_logits.shape[0]} reports."
+            )
+        return text_router_logits
 
     def _losses(
         self,
@@ -418,7 +447,7 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
 
     def __init__(self, config: MedMoEConfig):
         super().__init__(config)
-        self.build_image_side(config)
+        self.vision_model = MedMoEVisionModel(config)
         self.classifier = Head(config.projection_dim, config.num_labels)
         self.post_init()
 
@@ -431,7 +460,7 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
         **kwargs,
     ) -> MedMoEImageClassifierOutput | tuple:
         """pixel_values [B, 3, H, W]; labels [B] class indices (cross-entropy loss when given)."""
-        image = self.encode_image(pixel_values, expert_index=expert_index)
+        image = self.vision_model(pixel_values, expert_index=expert_index)
         logits = self.classifier(image.image_embeds)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         output = MedMoEImageClassifierOutput(
@@ -443,6 +472,15 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+
+# Folders saved before the image side became `vision_model` (2026-11-30) name its weights without the prefix.
+LEGACY_VISION_PREFIXES = ("vision_pyramid", "experts", "image_router", "image_projection")
+for model_class in ("MedMoEModel", "MedMoEForImageClassification"):
+    register_checkpoint_conversion_mapping(
+        model_class,
+        [WeightRenaming(rf"^{prefix}\.", f"vision_model.{prefix}.") for prefix in LEGACY_VISION_PREFIXES],
+        overwrite=True,  # the module may be imported twice: as this package and as a saved folder's remote code
+    )
 
 MedMoEModel.register_for_auto_class("AutoModel")
 MedMoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")

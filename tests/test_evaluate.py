@@ -144,7 +144,7 @@ def test_no_image_is_routed_or_embedded_by_its_own_report(nano_config, batch):
 
     config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text"})
     model = MedMoEModel(config)
-    route_to(model.image_router, 1)
+    route_to(model.vision_model.image_router, 1)
     route_to(model.text_router, 4)
     rows = dict(batch, report_type_labels=torch.zeros(8, dtype=torch.long), texts=["r"] * 8, metadata={}, skipped={})
     shuffled = {**rows, **{key: batch[key].flip(0) for key in ("input_ids", "attention_mask", "token_type_ids")}}

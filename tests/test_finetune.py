@@ -59,7 +59,11 @@ def perturb_lora(model):
 def test_classifier_reuses_the_pretrained_vision_weights(base_folder):
     base = MedMoEModel.from_pretrained(base_folder)
     classifier = classifier_from(base_folder)
-    for name in ("image_projection.weight", "experts.experts.0.scale_scorer.0.weight", "image_router.0.weight"):
+    for name in (
+        "vision_model.image_projection.weight",
+        "vision_model.experts.experts.0.scale_scorer.0.weight",
+        "vision_model.image_router.0.weight",
+    ):
         torch.testing.assert_close(classifier.state_dict()[name], base.state_dict()[name])
     assert classifier.config.id2label[0] == CLASSES[0] and torch.isfinite(classifier.classifier.weight).all()
 

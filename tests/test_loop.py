@@ -36,7 +36,9 @@ def assert_skips_then_trains(model, batch, forward, changed: str):
 
 def test_a_non_finite_pretraining_step_is_skipped_and_training_continues(model, batch):
     forward = functools.partial(contrastive_forward, device=torch.device("cpu"))
-    assert_skips_then_trains(model, {**batch, "report_type_labels": LABELS}, forward, "image_projection.weight")
+    assert_skips_then_trains(
+        model, {**batch, "report_type_labels": LABELS}, forward, "vision_model.image_projection.weight"
+    )
 
 
 @pytest.mark.parametrize("task", ["classification", "contrastive"])

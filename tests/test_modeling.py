@@ -8,9 +8,9 @@ from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 
 
 def count_expert_calls(model):
-    calls = [0] * len(model.experts.experts)
-    samples = [0] * len(model.experts.experts)
-    for index, expert in enumerate(model.experts.experts):
+    calls = [0] * len(model.vision_model.experts.experts)
+    samples = [0] * len(model.vision_model.experts.experts)
+    for index, expert in enumerate(model.vision_model.experts.experts):
 
         def hook(module, args, index=index):
             calls[index] += 1
@@ -24,7 +24,7 @@ def test_forward_returns_the_documented_outputs(model, batch):
     labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
     out = model(**batch, return_loss=True, report_type_labels=labels)
     batch_size, projection = 8, model.config.projection_dim
-    grid = model.local_grid_size
+    grid = model.vision_model.local_grid_size
     assert out.logits_per_image.shape == (batch_size, batch_size)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.T)
     assert out.image_embeds.shape == out.text_embeds.shape == (batch_size, projection)
@@ -71,7 +71,7 @@ def router_gradients(model, batch, **weights) -> list[torch.Tensor]:
     model.zero_grad()
     labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
     model(**batch, return_loss=True, report_type_labels=labels).loss.backward()
-    routers = (*model.image_router.parameters(), *model.text_router.parameters())
+    routers = (*model.vision_model.image_router.parameters(), *model.text_router.parameters())
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in routers]
 
 
@@ -96,7 +96,7 @@ def test_what_trains_the_routers(model, batch):
 def test_forcing_an_expert_the_router_rules_out_stays_finite(model, batch):
     """A router logit gap of 1000 underflows the forced expert's probability to 0; outputs and gradients stay
     finite."""
-    route_to(model.image_router, 0, logit=1000.0)
+    route_to(model.vision_model.image_router, 0, logit=1000.0)
     out = model(**batch, expert_index=torch.full((8,), 3), return_loss=True)
     assert out.expert_index.tolist() == [3] * 8
     out.loss.backward()
@@ -126,7 +126,7 @@ def route_to(router, expert, logit=10.0):
 def test_routing_follows_the_configured_router(nano_config, batch, router_input, training, expected):
     config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": router_input})
     model = MedMoEModel(config).train(training)
-    route_to(model.image_router, 1)
+    route_to(model.vision_model.image_router, 1)
     route_to(model.text_router, 4)
     out = model(**batch)
     assert out.expert_index.tolist() == [expected] * 8
@@ -137,7 +137,7 @@ def test_text_routed_configs_route_images_alone_by_the_image_router(nano_config,
     """No report at inference: images alone, images with prompts, and explicit experts all work."""
     config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": router_input})
     model = MedMoEModel(config).eval()
-    route_to(model.image_router, 1)
+    route_to(model.vision_model.image_router, 1)
     route_to(model.text_router, 4)
     assert model(pixel_values=batch["pixel_values"]).expert_index.tolist() == [1] * 8
     prompts = {key: batch[key][:3] for key in ("input_ids", "attention_mask")}
@@ -174,7 +174,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
         model.zero_grad()
         if enable:
             model.activation_checkpointing_enable()
-        assert model.vision_pyramid.gradient_checkpointing is enable
+        assert model.vision_model.vision_pyramid.gradient_checkpointing is enable
         assert model.text_tower.encoder.encoder.layer[0].gradient_checkpointing is enable
         torch.manual_seed(3)
         out = model(**batch, return_loss=True, report_type_labels=labels)
@@ -187,7 +187,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
 def test_loads_in_bfloat16(model, batch, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = MedMoEModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert loaded.image_projection.weight.dtype == torch.bfloat16
+    assert loaded.vision_model.image_projection.weight.dtype == torch.bfloat16
     with torch.no_grad():
         out = loaded(**{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
     assert out.logits_per_image.dtype == torch.bfloat16
@@ -204,5 +204,7 @@ def test_dense_dispatch_gives_the_same_outputs_and_gradients_as_sparse(nano_conf
         model = MedMoEModel(config).eval()
         out = model(**batch, return_loss=True, report_type_labels=torch.tensor([0, 1, 2, 3, 4, 5, -100, -100]))
         out.loss.backward()
-        results.append((out.loss.detach(), out.image_embeds.detach(), model.image_router[0].weight.grad.clone()))
+        results.append(
+            (out.loss.detach(), out.image_embeds.detach(), model.vision_model.image_router[0].weight.grad.clone())
+        )
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)

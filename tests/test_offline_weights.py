@@ -25,7 +25,9 @@ def test_backbone_starts_from_a_local_safetensors_file(nano_config, tmp_path, mo
     saved = timm_checkpoint(nano_config, tmp_path / "swin.safetensors")
     model = MedMoEModel(nano_config)
     load_pretrained_vision_backbone(model, tmp_path / "swin.safetensors")
-    loaded = model.vision_pyramid.backbone.state_dict()  # timm's feature wrapper names "layers.0" "layers_0"
+    loaded = (
+        model.vision_model.vision_pyramid.backbone.state_dict()
+    )  # timm's feature wrapper names "layers.0" "layers_0"
     assert len(loaded) > 20
     for name, tensor in loaded.items():
         torch.testing.assert_close(tensor, saved[re.sub(r"_(\d+)", r".\1", name)], msg=name)

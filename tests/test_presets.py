@@ -9,7 +9,9 @@ from modeling_medmoe import MedMoEConfig, MedMoEModel
 
 def vision_parameters(model: MedMoEModel) -> int:
     return sum(
-        p.numel() for module in (model.vision_pyramid, model.image_router, model.experts) for p in module.parameters()
+        p.numel()
+        for module in (model.vision_model.vision_pyramid, model.vision_model.image_router, model.vision_model.experts)
+        for p in module.parameters()
     )
 
 

@@ -68,9 +68,9 @@ def load_pretrained_text_tower(model, name: str) -> None:
 
 
 def load_pretrained_vision_backbone(model, weights_file: str | Path | None = None) -> None:
-    """Load pretrained weights for the configured backbone into `model.vision_pyramid.backbone`: timm's from the
-    Hub, or a local safetensors file (a timm checkpoint of the whole model, e.g. the model.safetensors of a timm Hub
-    repo copied into an air-gapped network), read by timm's own local-file mechanism."""
+    """Load pretrained weights for the configured backbone into `model.vision_model.vision_pyramid.backbone`: timm's
+    from the Hub, or a local safetensors file (a timm checkpoint of the whole model, e.g. the model.safetensors of a
+    timm Hub repo copied into an air-gapped network), read by timm's own local-file mechanism."""
     vision_config = model.config.vision_config
     if weights_file is not None:
         weights_file = Path(weights_file)
@@ -87,7 +87,7 @@ def load_pretrained_vision_backbone(model, weights_file: str | Path | None = Non
         raise PretrainedWeightsUnavailable(offline_hint(source, error)) from None
     if weights_file is not None:
         check_file_covers_backbone(weights_file, pretrained.state_dict().keys(), vision_config.backbone)
-    model.vision_pyramid.backbone.load_state_dict(pretrained.state_dict())
+    model.vision_model.vision_pyramid.backbone.load_state_dict(pretrained.state_dict())
 
 
 def check_file_covers_backbone(weights_file: Path, backbone_keys, backbone: str) -> None:
