@@ -59,3 +59,13 @@ def load_in_fresh_process(folder: Path, images: list, texts: list[str], labels: 
     if completed.returncode != 0:
         raise AssertionError(f"fresh process failed:\n{completed.stderr[-4000:]}")
     return json.loads(result_path.read_text())
+
+
+def endpoint_handler(folder: Path):
+    """The `EndpointHandler` of a saved folder's handler.py, imported as Inference Endpoints import it."""
+    sys.path.insert(0, str(folder))
+    try:
+        from handler import EndpointHandler
+    finally:
+        sys.path.remove(str(folder))
+    return EndpointHandler(str(folder))

@@ -3,13 +3,14 @@ pydicom's bundled real files; an undecodable DICOM gets the same clear error eve
 
 import base64
 import shutil
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
 from modeling_medmoe import MedMoEModel
+
+from .helpers import endpoint_handler
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -44,12 +45,7 @@ def classifier(folder):
 
 @pytest.fixture(scope="module")
 def handler(folder):
-    sys.path.insert(0, str(folder))
-    try:
-        from handler import EndpointHandler
-    finally:
-        sys.path.remove(str(folder))
-    return EndpointHandler(str(folder))
+    return endpoint_handler(folder)
 
 
 def scores(result: list[dict]) -> dict[str, float]:

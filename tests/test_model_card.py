@@ -15,6 +15,8 @@ from PIL import Image
 
 from model_card.generate import main as generate_card
 
+from .helpers import endpoint_handler
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = {
     "dataset": {"name": "synthetic", "type": "synthetic", "split": "eval"},
@@ -130,12 +132,7 @@ def test_generation_is_idempotent(card_folder):
 
 @pytest.fixture(scope="module")
 def handler(card_folder):
-    sys.path.insert(0, str(card_folder))
-    try:
-        from handler import EndpointHandler
-    finally:
-        sys.path.remove(str(card_folder))
-    return EndpointHandler(str(card_folder))
+    return endpoint_handler(card_folder)
 
 
 def png(image):
