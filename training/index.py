@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from modeling_medmoe import MedMoEImageProcessor
+from modeling_medmoe.dicom import is_dicom
 from training import archive
 from training import data as data_module
 
@@ -159,8 +160,8 @@ def embed_batch(rows, model, image_processor, args, writer: ChunkWriter, expert_
         except FileNotFoundError:
             skipped["missing_file"] += 1
             continue
-        except (ValueError, OSError) as error:
-            skipped["undecodable_dicom" if "DICOM" in str(error) else "undecodable_image"] += 1
+        except (ValueError, OSError):
+            skipped["undecodable_dicom" if is_dicom(row.image) else "undecodable_image"] += 1
             continue
         pixels.append(image_processor.unit_to_model_input(unit))
         kept.append(row)
