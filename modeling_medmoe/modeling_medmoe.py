@@ -116,8 +116,8 @@ class MedMoEVisionModel(nn.Module):
     modality experts and the image projection.
 
     `route` runs the pyramid and the router, `encode` the chosen experts and the projection; between the two the
-    caller chooses the experts (`MedMoEModel.choose_experts`: a given index, the image router, or while training the
-    paired reports' router). `forward` does all three with this module's own router.
+    caller chooses the experts (`choose_experts` over `MedMoEModel.routing_logits`: a given index, the image router,
+    or while training the paired reports' router). `forward` does all three with this module's own router.
     """
 
     def __init__(self, config: MedMoEConfig):
