@@ -61,8 +61,10 @@ def inputs(batch: int, words: int, grid: int, width: int, seed: int = 0):
 
 
 def step(loss_fn, word_embeds, word_mask, regions, **kwargs):
+    """A timed call: forward and backward of `loss_fn` at GLoRIA's temperatures."""
+
     def run():
-        loss = loss_fn(word_embeds, word_mask, regions, **kwargs)
+        loss = loss_fn(word_embeds, word_mask, regions, *TEMPERATURES, **kwargs)
         loss.backward()
         return loss
 

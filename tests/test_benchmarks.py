@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.local_loss import TEMPERATURES, inputs, per_caption_loop_loss
+from benchmarks.local_loss import TEMPERATURES, inputs, per_caption_loop_loss, step
 from modeling_medmoe.losses import local_contrastive_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,11 @@ def test_the_loop_baseline_computes_the_same_loss_and_gradients():
     our_gradients = torch.autograd.grad(ours, (word_embeds, regions))
     torch.testing.assert_close(ours, loop, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(our_gradients, loop_gradients, atol=1e-5, rtol=1e-4)
+    for timed in (
+        step(per_caption_loop_loss, *inputs(6, 7, 4, 16)),
+        step(local_contrastive_loss, *inputs(6, 7, 4, 16)),
+    ):
+        assert torch.isfinite(timed())  # what the benchmark times runs as called there
 
 
 @pytest.fixture(scope="module")
