@@ -5,8 +5,9 @@
     accelerate launch training/finetune.py --model outputs/medmoe-realmed --task contrastive --lora \
         --dataset_name ../shared/datasets/realmed --output_dir outputs/finetune-realmed
 
-Writes OUTPUT_DIR/adapter (LoRA: the adapter, load with PeftModel.from_pretrained on the base) or OUTPUT_DIR/model
-(full fine-tuning), OUTPUT_DIR/merged with --merge, and OUTPUT_DIR/eval_results.json.
+OUTPUT_DIR itself is the result, as in transformers' and peft's example scripts: the adapter (LoRA; load it with
+PeftModel.from_pretrained on the base) or the whole model (full fine-tuning), with the processor and
+eval_results.json; --merge also writes the merged model to OUTPUT_DIR/merged.
 """
 
 from __future__ import annotations
@@ -233,10 +234,9 @@ def save_outputs(args, model, processor, metrics: dict, losses: list[float], sha
     """The adapter (LoRA) or the model (full), the merged model (--merge), and eval_results.json."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     saved = {}
-    target = args.output_dir / ("adapter" if args.lora else "model")
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
-    saved["adapter" if args.lora else "model"] = str(target)
+    model.save_pretrained(args.output_dir)  # OUTPUT_DIR itself: the adapter (LoRA) or the whole model
+    processor.save_pretrained(args.output_dir)
+    saved["adapter" if args.lora else "model"] = str(args.output_dir)
     if args.lora and args.merge:
         merged_dir = args.output_dir / "merged"
         model.merge_and_unload().save_pretrained(merged_dir)
