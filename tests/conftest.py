@@ -57,3 +57,13 @@ def images() -> list[Image.Image]:
 @pytest.fixture
 def batch(processor, images):
     return processor(images=images, text=REPORTS, return_tensors="pt", padding=True, truncation=True)
+
+
+@pytest.fixture(scope="session")
+def nano_folder(tmp_path_factory, nano_config, processor):
+    """A saved nano model folder (seeded weights, processor and tokenizer) that tests read and never change."""
+    folder = tmp_path_factory.mktemp("nano_model")
+    torch.manual_seed(0)
+    MedMoEModel(nano_config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

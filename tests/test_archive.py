@@ -25,15 +25,6 @@ ROWS = 40
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, nano_config, processor):
-    folder = tmp_path_factory.mktemp("archive_model")
-    torch.manual_seed(0)
-    MedMoEModel(nano_config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def phantoms():
     return list(synthetic_stream(seed=11, num_shards=1, rows_per_shard=ROWS, image_size=64))
 
@@ -57,12 +48,12 @@ def run_index(arguments):
     return index_script.index_archive(index_script.parse_args(arguments))
 
 
-def test_a_folder_is_indexed_with_unreadable_files_counted(model_folder, image_folder, tmp_path):
+def test_a_folder_is_indexed_with_unreadable_files_counted(nano_folder, image_folder, tmp_path):
     out = tmp_path / "index"
-    info = run_index(["--model", str(model_folder), "--images", str(image_folder), "--output_dir", str(out)])
+    info = run_index(["--model", str(nano_folder), "--images", str(image_folder), "--output_dir", str(out)])
     assert info["rows"] == ROWS + 1 and info["rows_read"] == ROWS + 3
     assert info["skipped"] == {"undecodable_dicom": 1, "undecodable_image": 1}
-    searcher = ArchiveSearch(out, str(model_folder))
+    searcher = ArchiveSearch(out, str(nano_folder))
     row = searcher.dataset[0]
     assert set(row) >= {"id", "path", "embedding", "expert", "expert_index", "thumbnail", "folder"}
     assert "CT/series_1" in set(searcher.dataset["id"]) and row["thumbnail"].startswith(b"\x89PNG")
@@ -71,7 +62,7 @@ def test_a_folder_is_indexed_with_unreadable_files_counted(model_folder, image_f
 
 
 def test_search_equals_the_evaluation_modules_retrieval_and_survives_a_reload(
-    model_folder, phantoms, processor, nano_config, tmp_path
+    nano_folder, phantoms, processor, nano_config, tmp_path
 ):
     """Text -> image search over the archive ranks images as training/evaluation.py ranks the same rows."""
     from training import data
@@ -80,18 +71,18 @@ def test_search_equals_the_evaluation_modules_retrieval_and_survives_a_reload(
 
     write_parquet(phantoms, tmp_path / "rows.parquet")
     out = tmp_path / "index"
-    run_index(["--model", str(model_folder), "--files", str(tmp_path / "*.parquet"), "--output_dir", str(out)])
+    run_index(["--model", str(nano_folder), "--files", str(tmp_path / "*.parquet"), "--output_dir", str(out)])
     stream, image_column, text_column = data.open_stream(
         data.DataOptions(eval_files=str(tmp_path / "*.parquet")), "eval"
     )
     prepare = data.RowPreparer(processor, nano_config.expert_names, image_column, text_column)
     batches = data.BatchStream(data.prepare_stream(stream, image_column=image_column), prepare,
                                data.BatchCollator(processor), batch_size=16, drop_last=False)  # fmt: skip
-    model = MedMoEModel.from_pretrained(model_folder).eval()
+    model = MedMoEModel.from_pretrained(nano_folder).eval()
     embedded = embed_pairs(model, batches, torch.device("cpu"), show_progress=False)
     text_to_image = embedded.text_embeds @ embedded.image_embeds.T  # the evaluation's similarity, transposed
     ranks = retrieval_ranks(text_to_image, torch.eye(ROWS, dtype=torch.bool))["strict"]
-    searcher = ArchiveSearch(out, str(model_folder))
+    searcher = ArchiveSearch(out, str(nano_folder))
     for query in (0, 7, 23):
         hits = searcher.search(searcher.text_query(embedded.texts[query]), k=5)
         expected = text_to_image[query].argsort(descending=True)[:5].tolist()
@@ -100,13 +91,13 @@ def test_search_equals_the_evaluation_modules_retrieval_and_survives_a_reload(
         true_rank = next((hit["rank"] for hit in hits if hit["id"] == f"row-{query:09d}"), None)
         assert true_rank is None or true_rank == ranks[query]
         assert hits[0]["modality"] == phantoms[expected[0]]["modality"]  # metadata columns come along
-    reloaded = ArchiveSearch(out, str(model_folder))
+    reloaded = ArchiveSearch(out, str(nano_folder))
     query = reloaded.text_query(embedded.texts[3])
     assert [hit["id"] for hit in reloaded.search(query, k=5)] == [hit["id"] for hit in searcher.search(query, k=5)]
 
 
-def test_an_interrupted_run_resumes_to_the_same_index(model_folder, image_folder, tmp_path, monkeypatch):
-    arguments = ["--model", str(model_folder), "--images", str(image_folder), "--chunk_size", "8", "--batch_size", "4"]
+def test_an_interrupted_run_resumes_to_the_same_index(nano_folder, image_folder, tmp_path, monkeypatch):
+    arguments = ["--model", str(nano_folder), "--images", str(image_folder), "--chunk_size", "8", "--batch_size", "4"]
     complete = run_index([*arguments, "--output_dir", str(tmp_path / "complete")])
     flush, calls = index_script.ChunkWriter.flush, []
 
@@ -126,17 +117,17 @@ def test_an_interrupted_run_resumes_to_the_same_index(model_folder, image_folder
     assert {key: resumed[key] for key in ("rows", "rows_read", "skipped")} == {
         key: complete[key] for key in ("rows", "rows_read", "skipped")
     }
-    first, second = (ArchiveSearch(tmp_path / name, str(model_folder)).dataset for name in ("complete", "resumed"))
+    first, second = (ArchiveSearch(tmp_path / name, str(nano_folder)).dataset for name in ("complete", "resumed"))
     assert first["id"] == second["id"]
     np.testing.assert_allclose(np.array(first["embedding"]), np.array(second["embedding"]), atol=1e-6)
     with pytest.raises(ValueError, match="holds an index of another source"):
         run_index([*arguments, "--output_dir", str(tmp_path / "resumed"), "--max_rows", "5"])
 
 
-def test_search_command_filters_by_expert_and_writes_a_contact_sheet(model_folder, image_folder, tmp_path, capsys):
+def test_search_command_filters_by_expert_and_writes_a_contact_sheet(nano_folder, image_folder, tmp_path, capsys):
     out = tmp_path / "index"
-    run_index(["--model", str(model_folder), "--images", str(image_folder), "--output_dir", str(out)])
-    expert = ArchiveSearch(out, str(model_folder)).dataset["expert"][5]
+    run_index(["--model", str(nano_folder), "--images", str(image_folder), "--output_dir", str(out)])
+    expert = ArchiveSearch(out, str(nano_folder)).dataset["expert"][5]
     sheet = tmp_path / "hits.png"
     capsys.readouterr()
     search_script.main(["--index", str(out), "--text", "Axial CT of the liver.", "--k", "4", "--expert", expert,

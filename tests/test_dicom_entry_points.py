@@ -27,11 +27,10 @@ def bundled(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, nano_config, processor):
-    folder = tmp_path_factory.mktemp("dicom_model")
-    torch.manual_seed(0)
-    MedMoEModel(nano_config).save_pretrained(folder)
-    processor.save_pretrained(folder)
+def folder(tmp_path_factory, nano_folder):
+    """The nano folder with the endpoint handler beside it, as a release folder carries it."""
+    folder = tmp_path_factory.mktemp("dicom_model") / "nano"
+    shutil.copytree(nano_folder, folder)
     shutil.copyfile("model_card/handler.py", folder / "handler.py")
     return folder
 

@@ -21,15 +21,6 @@ LORA = Namespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target=",".join
 CLASSES = list(MODALITIES)
 
 
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory, nano_config, processor):
-    folder = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    MedMoEModel(nano_config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def classifier_from(folder):
     return MedMoEForImageClassification.from_pretrained(
         folder,
@@ -56,9 +47,9 @@ def perturb_lora(model):
                 parameter.normal_(std=0.05)
 
 
-def test_classifier_reuses_the_pretrained_vision_weights(base_folder):
-    base = MedMoEModel.from_pretrained(base_folder)
-    classifier = classifier_from(base_folder)
+def test_classifier_reuses_the_pretrained_vision_weights(nano_folder):
+    base = MedMoEModel.from_pretrained(nano_folder)
+    classifier = classifier_from(nano_folder)
     for name in (
         "vision_model.image_projection.weight",
         "vision_model.experts.experts.0.scale_scorer.0.weight",
@@ -69,8 +60,8 @@ def test_classifier_reuses_the_pretrained_vision_weights(base_folder):
 
 
 @pytest.mark.parametrize("task", ["classification", "contrastive"])
-def test_lora_trains_under_five_percent_of_parameters(base_folder, task):
-    model = classifier_from(base_folder) if task == "classification" else MedMoEModel.from_pretrained(base_folder)
+def test_lora_trains_under_five_percent_of_parameters(nano_folder, task):
+    model = classifier_from(nano_folder) if task == "classification" else MedMoEModel.from_pretrained(nano_folder)
     peft_model = apply_lora(model, LORA, ["classifier"] if task == "classification" else [])
     trainable, total = trainable_share(peft_model)
     assert 0 < trainable / total < 0.05
@@ -80,38 +71,38 @@ def test_lora_trains_under_five_percent_of_parameters(base_folder, task):
         assert any("query.lora_A" in name for name in names)
 
 
-def test_reloaded_adapter_and_merged_model_give_identical_outputs(base_folder, phantom_batch, tmp_path):
+def test_reloaded_adapter_and_merged_model_give_identical_outputs(nano_folder, phantom_batch, tmp_path):
     pixels, _ = phantom_batch
-    peft_model = apply_lora(classifier_from(base_folder), LORA, ["classifier"]).eval()
+    peft_model = apply_lora(classifier_from(nano_folder), LORA, ["classifier"]).eval()
     perturb_lora(peft_model)
     with torch.no_grad():
         expected = peft_model(pixel_values=pixels).logits
     peft_model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(classifier_from(base_folder), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(classifier_from(nano_folder), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=pixels).logits, expected, rtol=0, atol=0)
         merged = peft_model.merge_and_unload().eval()
         torch.testing.assert_close(merged(pixel_values=pixels).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_contrastive_adapter_loads_on_an_automodel_base(base_folder, batch, tmp_path):
+def test_contrastive_adapter_loads_on_an_automodel_base(nano_folder, batch, tmp_path):
     from transformers import AutoModel
 
-    peft_model = apply_lora(MedMoEModel.from_pretrained(base_folder), LORA, []).eval()
+    peft_model = apply_lora(MedMoEModel.from_pretrained(nano_folder), LORA, []).eval()
     perturb_lora(peft_model)
     with torch.no_grad():
         expected = peft_model(**batch).logits_per_image
     peft_model.save_pretrained(tmp_path / "adapter")
-    base = AutoModel.from_pretrained(base_folder, trust_remote_code=True)
+    base = AutoModel.from_pretrained(nano_folder, trust_remote_code=True)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits_per_image, expected, rtol=0, atol=0)
 
 
-def test_a_few_lora_steps_lower_the_classification_loss(base_folder, phantom_batch):
+def test_a_few_lora_steps_lower_the_classification_loss(nano_folder, phantom_batch):
     pixels, labels = phantom_batch
     torch.manual_seed(0)  # LoRA's A matrices are drawn at random
-    model = apply_lora(classifier_from(base_folder), LORA, ["classifier"]).train()
+    model = apply_lora(classifier_from(nano_folder), LORA, ["classifier"]).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(40):
@@ -123,14 +114,14 @@ def test_a_few_lora_steps_lower_the_classification_loss(base_folder, phantom_bat
     assert losses[-1] < 0.75 * losses[0], losses
 
 
-def test_finetune_script_saves_adapter_and_merged_classifier_for_the_pipeline(base_folder, tmp_path):
+def test_finetune_script_saves_adapter_and_merged_classifier_for_the_pipeline(nano_folder, tmp_path):
     output_dir = tmp_path / "finetuned"
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable,
         str(ROOT / "training" / "finetune.py"),
         "--model",
-        str(base_folder),
+        str(nano_folder),
         "--task",
         "classification",
         "--lora",
