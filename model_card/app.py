@@ -39,9 +39,9 @@ class Demo:
         labels = [label.strip() for label in labels_text.split(",") if label.strip()] or list(
             self.model.config.expert_names
         )
-        window = parse_window(window)
         image_processor = self.processor.image_processor
-        pixel_values = image_processor(images=[image], window=window)["pixel_values"]
+        shown = image_processor.to_display(image, window=window or None)  # decoded and windowed once
+        pixel_values = image_processor.unit_to_model_input(shown)[None]
         image_out = self.model(pixel_values=pixel_values)
         class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels)
         scores = self.model.zero_shot_probabilities(image_out.image_embeds, class_embeds)[0]
@@ -50,18 +50,7 @@ class Demo:
         text = self.processor(text=[labels[best]], padding=True, truncation=True)
         paired = self.model(pixel_values=pixel_values, **text)
         word_attention = paired.word_region_attention[0][paired.word_mask[0]].mean(dim=0)  # [h, w]
-        shown = image_processor.to_display(image, window=window)
         return {label: float(score) for label, score in zip(labels, scores)}, expert, overlay(shown, word_attention)
-
-
-def parse_window(window: str | None):
-    """ "lung" -> "lung"; "40,400" -> (40.0, 400.0); empty -> None."""
-    if not window or not window.strip():
-        return None
-    if "," in window:
-        centre, width = (float(part) for part in window.split(","))
-        return centre, width
-    return window.strip()
 
 
 def overlay(image: torch.Tensor, attention: torch.Tensor, alpha: float = 0.5) -> Image.Image:

@@ -32,10 +32,13 @@ PIL_RAW_MODES = {"I;16": torch.int16, "I": torch.int32, "F": torch.float32}  # 1
 
 
 def resolve_window(window: str | Sequence[float] | None) -> tuple[float, float] | None:
-    """A preset name (WINDOW_PRESETS) or (centre, width) -> (centre, width); None stays None."""
+    """A preset name (WINDOW_PRESETS), (centre, width), or "centre,width" as a command line or form gives it
+    -> (centre, width); None stays None."""
     if window is None:
         return None
-    if isinstance(window, str):
+    if isinstance(window, str) and "," in window:
+        window = window.split(",")
+    elif isinstance(window, str):
         if window not in WINDOW_PRESETS:
             raise ValueError(f"Unknown window {window!r}; use one of {sorted(WINDOW_PRESETS)} or (centre, width).")
         return WINDOW_PRESETS[window]

@@ -60,6 +60,10 @@ def test_presets_differ_and_a_bad_window_is_refused(processor):
         processor(bundled("CT_small.dcm"), window="liver")
     with pytest.raises(ValueError, match="width must be positive"):
         MedMoEImageProcessor(window=(40, 0))
+    as_text = processor(bundled("CT_small.dcm"), window="-600,1500")["pixel_values"]  # a command line's form
+    torch.testing.assert_close(as_text, lung)
+    with pytest.raises(ValueError, match="width must be positive"):
+        processor(bundled("CT_small.dcm"), window="40,-1")
 
 
 def test_the_files_own_window_is_the_default(processor):

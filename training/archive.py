@@ -127,8 +127,9 @@ def embed_query_text(model, tokenizer, text: str) -> torch.Tensor:
     return out.text_embeds[0].float().cpu()
 
 
-def read_json(path: Path, default=None):
-    return json.loads(path.read_text()) if path.is_file() else default
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, None when there is no file."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_json_atomically(path: Path, value) -> None:

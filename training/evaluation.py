@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_medmoe.zero_shot import zero_shot_probabilities
 from training.embedding import EmbeddedSet, embed_pairs
 from training.metrics import classification_results, load_metric
 
@@ -139,8 +140,6 @@ def zero_shot_metrics(
 ) -> tuple[dict[str, float], dict]:
     """Zero-shot classification of the rows with a known label (labels >= 0) by
     `modeling_medmoe.zero_shot_probabilities`: (zero_shot/{accuracy,mean_per_class_accuracy,auroc}, details)."""
-    from modeling_medmoe.zero_shot import zero_shot_probabilities
-
     scores = zero_shot_probabilities(image_embeds, class_embeds, logit_scale).numpy()
     result = classification_results(scores, labels, names)
     metrics = {f"zero_shot/{key}": result[key] for key in ("accuracy", "mean_per_class_accuracy", "auroc")}

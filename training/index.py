@@ -58,10 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk_size", type=int, default=1024, help="rows per chunk written (the resume unit)")
     parser.add_argument("--max_rows", type=int, help="index at most this many source rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.window and "," in args.window:
-        args.window = tuple(float(part) for part in args.window.split(","))
-    return args
+    return parser.parse_args(argv)
 
 
 def source_description(args: argparse.Namespace) -> dict:
@@ -73,7 +70,7 @@ def source_description(args: argparse.Namespace) -> dict:
         "split": args.split if args.dataset_name else None,
         "image_column": args.image_column,
         "id_column": args.id_column,
-        "window": list(args.window) if isinstance(args.window, tuple) else args.window,
+        "window": args.window,
         "max_rows": args.max_rows,
     }
 

@@ -37,10 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the hits as JSON instead of a table")
     parser.add_argument("--model", help="default: the model the index was built with")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.window and "," in args.window:
-        args.window = tuple(float(part) for part in args.window.split(","))
-    return args
+    return parser.parse_args(argv)
 
 
 class ArchiveSearch:
