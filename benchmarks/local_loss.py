@@ -3,9 +3,11 @@
     python benchmarks/local_loss.py [--quick]
 
 Speed at B=32, 25 words, D=256 on 14x14 and 28x28 region grids (forward + backward, median after warm-up), the
-largest value difference, and the peak memory (RSS, each variant in its own process) of the chunked loss vs the
-unchunked one at B=64 on the 28x28 grid. Last line: JSON with local_loss_vectorised_speedup and
-local_loss_chunked_memory_ratio.
+path our loss took there (context norms from the regions' Gram matrix or from the context vectors), the largest
+difference from the loop in the loss and in its gradients, and the peak memory (RSS, each variant in its own
+process) of the chunked loss vs the unchunked one at B=64 on the 28x28 grid. Last line: JSON with
+local_loss_vectorised_speedup (the smaller of the two grids), local_loss_chunked_memory_ratio and the largest loss
+and gradient differences.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
 from modeling_medmoe import MedMoEConfig  # noqa: E402
-from modeling_medmoe.losses import local_contrastive_loss  # noqa: E402
+from modeling_medmoe.losses import local_contrastive_loss, uses_region_gram  # noqa: E402
 
 TEMPERATURES = (  # GLoRIA's temp1, temp2, temp3, as MedMoEConfig holds them
     MedMoEConfig.local_temperature_attention,
@@ -58,6 +60,11 @@ def inputs(batch: int, words: int, grid: int, width: int, seed: int = 0):
     word_mask = torch.arange(words)[None, :] < lengths[:, None]
     regions = torch.randn(batch, grid * grid, width, generator=generator, requires_grad=True)
     return word_embeds, word_mask, regions
+
+
+def loss_and_gradients(loss_fn, word_embeds, word_mask, regions, **kwargs) -> list[torch.Tensor]:
+    loss = loss_fn(word_embeds, word_mask, regions, *TEMPERATURES, **kwargs)
+    return [loss, *torch.autograd.grad(loss, (word_embeds, regions))]
 
 
 def step(loss_fn, word_embeds, word_mask, regions, **kwargs):
@@ -100,14 +107,25 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = 3 if args.quick else 7
     torch.manual_seed(0)
     rows = [
-        ("grid", "per-caption loop (s)", "vectorised (s)", f"chunked {args.chunk_size} (s)", "speedup", "max |diff|")
+        (
+            "grid",
+            "per-caption loop (s)",
+            "vectorised (s)",
+            f"chunked {args.chunk_size} (s)",
+            "speedup",
+            "context norms via",
+            "max |diff| loss, gradients",
+        )
     ]
-    speedups = []
+    speedups, largest_differences = [], [0.0, 0.0]
     for grid in (14, 28):
         word_embeds, word_mask, regions = inputs(32, 25, grid, 256)
-        with torch.no_grad():
-            reference = per_caption_loop_loss(word_embeds, word_mask, regions, *TEMPERATURES)
-            ours = local_contrastive_loss(word_embeds, word_mask, regions, *TEMPERATURES, chunk_size=args.chunk_size)
+        reference = loss_and_gradients(per_caption_loop_loss, word_embeds, word_mask, regions)
+        differences = [0.0, 0.0]  # loss, gradients: the largest over the unchunked and the chunked loss
+        for chunk_size in (0, args.chunk_size):
+            ours = loss_and_gradients(local_contrastive_loss, word_embeds, word_mask, regions, chunk_size=chunk_size)
+            for index, (value, expected) in enumerate(zip(ours, reference)):
+                differences[min(index, 1)] = max(differences[min(index, 1)], float((value - expected).abs().max()))
         loop = median_seconds(step(per_caption_loop_loss, word_embeds, word_mask, regions), repeats)
         vectorised = median_seconds(
             step(local_contrastive_loss, word_embeds, word_mask, regions, chunk_size=0), repeats
@@ -117,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         best = min(vectorised, chunked)
         speedups.append(loop / best)
+        largest_differences = [max(pair) for pair in zip(largest_differences, differences)]
         rows.append(
             (
                 f"{grid}x{grid}",
@@ -124,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{vectorised:.3f}",
                 f"{chunked:.3f}",
                 f"{loop / best:.2f}x",
-                f"{abs(float(reference) - float(ours)):.1e}",
+                "Gram matrix" if uses_region_gram(25 * 32, grid * grid, 256) else "context vectors",
+                f"{differences[0]:.1e}, {differences[1]:.1e}",
             )
         )
     print_table("Local loss, B=32, 25 words, D=256, forward + backward (median)", rows)
@@ -139,7 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
             (f"chunked ({args.chunk_size} captions)", f"{chunked:.0f}"),
         ],
     )
-    results = {"local_loss_vectorised_speedup": min(speedups), "local_loss_chunked_memory_ratio": chunked / unchunked}
+    results = {
+        "local_loss_vectorised_speedup": min(speedups),
+        "local_loss_chunked_memory_ratio": chunked / unchunked,
+        "local_loss_max_loss_difference": largest_differences[0],
+        "local_loss_max_gradient_difference": largest_differences[1],
+    }
     print_json(results)
     return results
 

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from benchmarks.local_loss import TEMPERATURES
 from modeling_medmoe import UNKNOWN_REPORT_TYPE
 from modeling_medmoe.losses import (
+    caption_image_scores,
     global_contrastive_loss,
     load_balancing_loss,
     local_contrastive_loss,
     report_type_cross_entropy,
+    uses_region_gram,
 )
 from modeling_medmoe.processing_medmoe import NOT_A_WORD
 from modeling_medmoe.text import merge_word_pieces
@@ -68,6 +70,29 @@ def test_local_loss_matches_per_caption_loop_with_padding(padded_words, chunk_si
     expected = reference_local_loss([words[i, :n] for i, n in enumerate(lengths)], regions, 4.0, 5.0, 10.0)
     loss = local_contrastive_loss(words, mask, regions, *TEMPERATURES, chunk_size=chunk_size)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("regions", [9, 40])  # few regions: norms via the Gram matrix; many: via context vectors
+@pytest.mark.parametrize("recompute", [False, True])
+def test_caption_image_scores_backward_matches_finite_differences(padded_words, regions, recompute):
+    words, mask, _, _ = padded_words
+    assert uses_region_gram(words.shape[0] * words.shape[1], regions, words.shape[2]) == (regions == 9)
+    region_embeds = torch.randn(4, regions, words.shape[2], dtype=torch.float64, requires_grad=True)
+    words = words.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w, r: caption_image_scores(w, mask, r, *TEMPERATURES[:2], recompute=recompute), (words, region_embeds)
+    )
+
+
+def test_caption_image_scores_keep_full_precision_under_autocast(padded_words):
+    words, mask, regions, _ = (
+        tensor.float() if torch.is_tensor(tensor) and tensor.is_floating_point() else tensor for tensor in padded_words
+    )
+    expected = caption_image_scores(words, mask, regions, *TEMPERATURES[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = caption_image_scores(words, mask, regions, *TEMPERATURES[:2])
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected)
 
 
 def test_chunked_local_loss_has_the_same_gradients(padded_words):
