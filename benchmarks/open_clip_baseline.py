@@ -41,7 +41,7 @@ from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
 from training import data as data_module  # noqa: E402
 from training import run_evaluation as evaluation_module  # noqa: E402
 from training.embedding import model_inputs  # noqa: E402
-from training.loop import parameter_groups, train_step  # noqa: E402
+from training.loop import build_optimizer, train_step  # noqa: E402
 
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
 
@@ -144,7 +144,7 @@ def train(args, model, processor, tokenizer) -> dict:
         shuffle_buffer=args.shuffle_buffer,
     )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_function = ClipLoss()

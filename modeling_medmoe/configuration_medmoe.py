@@ -203,6 +203,9 @@ PRESETS: dict[str, dict] = {
             "num_attention_heads": 2,
             "intermediate_size": 384,
             "max_position_embeddings": 128,
+            # No dropout, as in CLIP: dropout cost a fifth of the text tower's time (BENCHMARKS.md, profile).
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
         },
         "projection_dim": 128,
         "text_hidden_layers_to_sum": 3,

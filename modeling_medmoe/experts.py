@@ -29,10 +29,17 @@ class ScaleProjection(nn.Sequential):
         super().__init__(*layers)
 
 
+def resize(feature_map: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of [n, C, H, W] to [n, C, *grid_size] (the map itself when it already has that size)."""
+    if feature_map.shape[-2:] == grid_size:
+        return feature_map
+    return F.interpolate(feature_map, size=grid_size, mode="bilinear", align_corners=False)
+
+
 class ScaleFusionExpert(nn.Module):
     """One modality expert E_k: V_k = sum_l beta_k^(l) * F_k^(l) (paper, section 4).
 
-    Every level l is projected to width D (F_k^(l)), resized in 2-D to the local grid, and an MLP
+    Every level l is projected to width D (F_k^(l)) and resized in 2-D to the local grid, and an MLP
     (D -> hidden -> 1, shared across levels) scores each level at each location; a softmax over levels gives the
     scale attention beta.
     """
@@ -48,17 +55,29 @@ class ScaleFusionExpert(nn.Module):
 
     def forward(self, levels: list[torch.Tensor], grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """levels: 4 maps [n, C_l, H_l, W_l]. Returns (local map [n, D, h, w], scale attention [n, levels, h, w])."""
-        resized = []
-        for projection, level in zip(self.projections, levels):
-            projected = projection(level)
-            if projected.shape[-2:] != grid_size:
-                projected = F.interpolate(projected, size=grid_size, mode="bilinear", align_corners=False)
-            resized.append(projected)
-        stacked = torch.stack(resized, dim=1)  # [n, levels, D, h, w]
-        scale_logits = self.scale_scorer(stacked.permute(0, 1, 3, 4, 2)).squeeze(-1)  # [n, levels, h, w]
-        scale_attention = scale_logits.softmax(dim=1)
-        local_map = (scale_attention.unsqueeze(2) * stacked).sum(dim=1)
-        return local_map, scale_attention
+        stacked = torch.stack(
+            [project_to_grid(projection, level, grid_size) for projection, level in zip(self.projections, levels)],
+            dim=1,
+        )  # [n, levels, h, w, D]
+        scale_attention = self.scale_scorer(stacked).squeeze(-1).softmax(dim=1)  # [n, levels, h, w]
+        local_map = (scale_attention.unsqueeze(-1) * stacked).sum(dim=1)  # [n, h, w, D]
+        return local_map.permute(0, 3, 1, 2), scale_attention
+
+
+def project_to_grid(projection: ScaleProjection, level: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """One level [n, C, H, W] projected to width D and resized to the grid, channels last: [n, h, w, D].
+
+    A lone 1x1 conv (depth 1) is a linear map of each location's channels: it runs as a matrix product on the
+    channels-last layout the backbone gives (timm's Swin levels are NHWC) and, since it commutes with bilinear
+    resizing (both linear; a resize's weights sum to 1), at whichever of the level and the grid has fewer locations.
+    """
+    if len(projection) > 1:
+        return resize(projection(level), grid_size).permute(0, 2, 3, 1)
+    conv = projection[0]
+    if level.shape[-2] * level.shape[-1] > grid_size[0] * grid_size[1]:
+        level = resize(level, grid_size)
+    projected = F.linear(level.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias)  # [n, H, W, D]
+    return resize(projected.permute(0, 3, 1, 2), grid_size).permute(0, 2, 3, 1)
 
 
 class RouterMLP(nn.Sequential):
@@ -109,17 +128,16 @@ class MixtureOfModalityExperts(nn.Module):
     def run_sparse(self, levels, expert_index, grid_size):
         order = torch.argsort(expert_index, stable=True)
         group_sizes = torch.bincount(expert_index, minlength=len(self.experts)).tolist()
-        sorted_levels = [level.index_select(0, order) for level in levels]
+        # split (not slicing) so that the backward pass concatenates the groups' gradients instead of adding up
+        # zero-padded copies of every level
+        groups_per_level = [level.index_select(0, order).split(group_sizes) for level in levels]
         local_maps, scale_attentions = [], []
-        start = 0
-        for expert, size in zip(self.experts, group_sizes):
+        for expert, size, *group in zip(self.experts, group_sizes, *groups_per_level):
             if size == 0:
                 continue
-            group = [level[start : start + size] for level in sorted_levels]
             local_map, scale_attention = expert(group, grid_size)
             local_maps.append(local_map)
             scale_attentions.append(scale_attention)
-            start += size
         restore = torch.argsort(order)
         return torch.cat(local_maps).index_select(0, restore), torch.cat(scale_attentions).index_select(0, restore)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -252,6 +253,13 @@ class MedMoEModel(MedMoEPreTrainedModel):
             token_features=token_features,
         )
 
+    def compile_towers(self, **compile_kwargs) -> None:
+        """torch.compile the backbone and the text tower in place (parameter names and checkpoints unchanged). The
+        experts and the losses stay eager: their batch shapes change with routing. Keyword arguments go to
+        `torch.compile`."""
+        self.vision_model.vision_pyramid.compile(**compile_kwargs)
+        self.text_tower.compile(**compile_kwargs)
+
     def get_image_features(
         self, pixel_values: torch.Tensor, expert_index: torch.Tensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
@@ -392,29 +400,35 @@ class MedMoEModel(MedMoEPreTrainedModel):
         config = self.config
         if image_embeds.shape[0] != text_embeds.shape[0]:
             raise ValueError("The losses need one report per image (paired batches).")
-        parts = {"global_loss": global_contrastive_loss(image_embeds.float(), text_embeds.float(), logit_scale.float())}
+        with record_function("medmoe::global loss"):
+            parts = {
+                "global_loss": global_contrastive_loss(image_embeds.float(), text_embeds.float(), logit_scale.float())
+            }
         loss = config.global_loss_weight * parts["global_loss"]
         if config.local_loss_weight > 0:
             if text.word_embeds is None:
                 raise ValueError("The local loss needs word_ids (MedMoEProcessor returns them).")
-            parts["local_loss"] = local_contrastive_loss(
-                text.word_embeds.float(),
-                text.word_mask,
-                region_embeds.float(),
-                config.local_temperature_attention,
-                config.local_temperature_word,
-                config.local_temperature_logits,
-                config.local_loss_chunk_size,
-            )
+            with record_function("medmoe::local loss"):
+                parts["local_loss"] = local_contrastive_loss(
+                    text.word_embeds.float(),
+                    text.word_mask,
+                    region_embeds.float(),
+                    config.local_temperature_attention,
+                    config.local_temperature_word,
+                    config.local_temperature_logits,
+                    config.local_loss_chunk_size,
+                )
             loss = loss + config.local_loss_weight * parts["local_loss"]
         if report_type_labels is not None and config.num_experts > 1:
-            parts["report_type_loss"] = report_type_cross_entropy(text.text_router_logits, report_type_labels)
-            parts["router_loss"] = self._router_loss(text, image, report_type_labels)
+            with record_function("medmoe::routing losses"):
+                parts["report_type_loss"] = report_type_cross_entropy(text.text_router_logits, report_type_labels)
+                parts["router_loss"] = self._router_loss(text, image, report_type_labels)
             loss = loss + config.report_type_loss_weight * parts["report_type_loss"]
             loss = loss + config.router_loss_weight * parts["router_loss"]
         if config.load_balance_loss_weight > 0:
-            routing_logits = self.routing_logits(image.router_logits, text.text_router_logits)
-            parts["load_balance_loss"] = load_balancing_loss(routing_logits.float(), image.expert_index)
+            with record_function("medmoe::routing losses"):
+                routing_logits = self.routing_logits(image.router_logits, text.text_router_logits)
+                parts["load_balance_loss"] = load_balancing_loss(routing_logits.float(), image.expert_index)
             loss = loss + config.load_balance_loss_weight * parts["load_balance_loss"]
         return {"loss": loss, **parts}
 

@@ -208,3 +208,21 @@ def test_dense_dispatch_gives_the_same_outputs_and_gradients_as_sparse(nano_conf
             (out.loss.detach(), out.image_embeds.detach(), model.vision_model.image_router[0].weight.grad.clone())
         )
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_towers_give_the_eager_loss_and_gradients(model, batch):
+    """`compile_towers` (pretraining's and evaluation's --torch_compile) changes speed only (eval mode: no dropout)."""
+    model.eval()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
+    names = [name for name, _ in model.named_parameters()]
+    results = []
+    for compiled in (False, True):
+        model.zero_grad()
+        if compiled:
+            model.compile_towers()
+        out = model(**batch, return_loss=True, report_type_labels=labels)
+        out.loss.backward()
+        gradients = [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+        results.append((out.loss.detach(), gradients))
+    assert [name for name, _ in model.named_parameters()] == names  # checkpoints keep their keys
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)

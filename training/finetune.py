@@ -27,7 +27,7 @@ from transformers import AutoProcessor, get_scheduler
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 from training import data as data_module
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing
-from training.loop import contrastive_forward, parameter_groups, train_step
+from training.loop import build_optimizer, contrastive_forward, train_step
 from training.metrics import classification_results
 
 # Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader, eval_loader = data_module.script_loaders(
         args, accelerator, processor, train_stream, image_column, text_column, expert_names, keep
     )
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler(
         "cosine", optimizer, args.warmup_steps * accelerator.num_processes, args.max_steps * accelerator.num_processes
     )

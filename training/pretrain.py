@@ -33,7 +33,8 @@ from training import data as data_module
 from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing, public_dataset_name
 from training.hub import UploadFailed, push_folder
-from training.loop import contrastive_forward, parameter_groups, train_step
+from training.loop import build_optimizer, contrastive_forward, train_step
+from training.profiling import WARMUP_STEPS, StepProfiler, section
 from training.towers import (
     PretrainedWeightsUnavailable,
     load_pretrained_text_tower,
@@ -109,6 +110,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--resume_from_checkpoint", help="latest or a checkpoint folder")
     train.add_argument(
         "--report_to", default="tensorboard", help="accelerate trackers: tensorboard, wandb, all or none"
+    )
+    train.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile the backbone and the text tower (off by default: BENCHMARKS.md has the speed-up on CPU)",
+    )
+    train.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help=f"profile this many steps after {WARMUP_STEPS} warm-up steps: a per-component table in "
+        "OUTPUT_DIR/profile.md (0 = off)",
     )
 
     hub = parser.add_argument_group("hub")
@@ -317,6 +330,8 @@ def build_model_and_processor(args: argparse.Namespace, tokenizer) -> tuple[MedM
         load_pretrained_vision_backbone(model, args.vision_backbone_weights)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if args.torch_compile:
+        model.compile_towers()
     side = config.vision_config.image_size
     processor = MedMoEProcessor(
         image_processor=MedMoEImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer
@@ -325,7 +340,7 @@ def build_model_and_processor(args: argparse.Namespace, tokenizer) -> tuple[MedM
 
 
 def build_optimizer_and_schedule(args, accelerator, model):
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler(  # a prepared scheduler steps once per process at every optimizer step
         args.lr_scheduler_type,
         optimizer,
@@ -382,8 +397,11 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
     forward = functools.partial(contrastive_forward, device=accelerator.device)
     deadline = TrainingDeadline(args.max_train_minutes, accelerator)
     model.train()
+    profiler = StepProfiler(unwrapped, progress.step + WARMUP_STEPS, args.profile_steps, args.output_dir)
     while progress.step < args.max_steps:
-        batch = next(data)
+        profiler.step_begins(progress.step)
+        with section("data wait"):
+            batch = next(data)
         progress.skipped_rows.update(batch["skipped"])
         if "pixel_values" not in batch:
             continue
@@ -405,6 +423,10 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
             continue
         progress.step += 1
         bar.update(1)
+        profiler.step_ended(progress.step)
+        if profiler.table is not None and profiler.steps:
+            bar.write(f"{profiler.table}\n(written to {args.output_dir / 'profile.md'})")
+            profiler.steps = 0
         is_last = progress.step == args.max_steps or deadline.passed()
         if progress.step % args.logging_steps == 0 or is_last:
             log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, log_file)

@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_visualizations", type=int, default=4, help="samples drawn as attention pictures")
     parser.add_argument("--max_pointing_samples", type=int, default=512, help="rows scored by the pointing game")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the backbone and the text tower")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    if args.torch_compile:
+        model.compile_towers()
     return evaluate_model(args, model, processor, model.config.expert_names)
 
 
