@@ -139,7 +139,13 @@ class MixtureOfModalityExperts(nn.Module):
             local_maps.append(local_map)
             scale_attentions.append(scale_attention)
         restore = torch.argsort(order)
-        return torch.cat(local_maps).index_select(0, restore), torch.cat(scale_attentions).index_select(0, restore)
+        local_map = torch.cat(local_maps).index_select(0, restore)
+        idle = [expert for expert, size in zip(self.experts, group_sizes) if size == 0]
+        if idle and torch.is_grad_enabled():
+            # Zero-valued use of the idle experts' weights: every process then gives every weight a gradient, as
+            # data-parallel wrappers that reduce gradients in buckets (FSDP2) need.
+            local_map = local_map + 0.0 * sum(parameter.sum() for expert in idle for parameter in expert.parameters())
+        return local_map, torch.cat(scale_attentions).index_select(0, restore)
 
     def run_dense(self, levels, expert_index, grid_size):
         outputs = [expert(levels, grid_size) for expert in self.experts]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -276,9 +277,17 @@ def main(argv: list[str] | None = None) -> dict:
         args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress
     )
     summary = {}
+    state_dict = accelerator.get_state_dict(model)  # every process takes part: FSDP gathers the full weights
     if accelerator.is_main_process:
         summary = finish(
-            args, accelerator.unwrap_model(model), processor, evaluations, progress, run_config, train_seconds
+            args,
+            accelerator.unwrap_model(model),
+            state_dict,
+            processor,
+            evaluations,
+            progress,
+            run_config,
+            train_seconds,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -286,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -294,6 +303,13 @@ def build_accelerator(args: argparse.Namespace) -> Accelerator:
         project_dir=str(args.output_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and accelerator.distributed_type != "FSDP":
+        raise SystemExit(
+            "The accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only: here it would train as "
+            f"{accelerator.distributed_type.value} without sharding. On CPUs use "
+            "training/configs/cpu_two_processes.yaml (data parallel), or FSDP2 under torchrun (training/sharding.py)."
+        )
+    return accelerator
 
 
 class OutputDirNotEmpty(RuntimeError):
@@ -449,11 +465,11 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
     return evaluations, deadline.elapsed_seconds()
 
 
-def finish(args, model, processor, evaluations, progress, run_config, train_seconds) -> dict:
+def finish(args, model, state_dict, processor, evaluations, progress, run_config, train_seconds) -> dict:
     """Save the model folder (--output_dir itself) and its card, print the quality figures and the skipped rows,
     write the run summary, upload if asked."""
     output_dir = args.output_dir
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir, state_dict=state_dict)
     processor.save_pretrained(output_dir)
     final = {key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "step"}
     train_facts = {
