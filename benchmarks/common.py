@@ -59,5 +59,9 @@ def print_table(title: str, rows: list[tuple]) -> None:
 
 
 def print_json(results: dict) -> None:
-    """The last line of every benchmark: its ratios as JSON."""
-    print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in results.items()}))
+    """The last line of every benchmark: its ratios as JSON (floats to 4 significant digits)."""
+    print(
+        json.dumps(
+            {key: float(f"{value:.4g}") if isinstance(value, float) else value for key, value in results.items()}
+        )
+    )

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         for chunk_size in (0, args.chunk_size):
             ours = loss_and_gradients(local_contrastive_loss, word_embeds, word_mask, regions, chunk_size=chunk_size)
             for index, (value, expected) in enumerate(zip(ours, reference)):
-                differences[min(index, 1)] = max(differences[min(index, 1)], float((value - expected).abs().max()))
+                differences[min(index, 1)] = max(
+                    differences[min(index, 1)], float((value - expected).detach().abs().max())
+                )
         loop = median_seconds(step(per_caption_loop_loss, word_embeds, word_mask, regions), repeats)
         vectorised = median_seconds(
             step(local_contrastive_loss, word_embeds, word_mask, regions, chunk_size=0), repeats

@@ -12,10 +12,12 @@ run per system (its images/s times the budget), so the cosine schedule ends as t
 Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), single_expert,
 local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3 (each changes one thing), and open_clip
 (random-init CLIP of about the same size, in a separate virtual environment this script creates with
-`open_clip_torch`; see
-benchmarks/open_clip_baseline.py). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints
-the table; a system that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not
-hold realmed, it says so and exits 0.
+`open_clip_torch`; see benchmarks/open_clip_baseline.py). Writes OUT/SYSTEM/ for each run, OUT/summary.json and
+OUT/table.md, and prints the table and, when medmoe and open_clip both ran, JSON with
+pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window after the first, at about
+equal parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation included). A system
+that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so
+and exits 0.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import venv
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path[0] = str(REPO)
+
+from benchmarks.common import print_json  # noqa: E402
+
 MEDMOE_SYSTEMS = {
     "medmoe": [],
     "single_expert": ["--num_experts", "1"],
@@ -127,7 +135,8 @@ def finished_record(args, name: str) -> dict | None:
         return None
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     metrics = json.loads(results.read_text())["metrics"]
-    return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()))
+    steady = steady_images_per_second(folder / RUN_DIR / "train_log.jsonl")
+    return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()), steady)
 
 
 def finished_or_run(args, name: str, run_system) -> dict:
@@ -208,7 +217,13 @@ def run_open_clip(args, tokenizer: Path) -> dict:
     return finished_record(args, "open_clip")
 
 
-def record(name: str, summary: dict, metrics: dict, scheduled_steps: int) -> dict:
+def steady_images_per_second(train_log: Path) -> float:
+    """Training throughput: the median of the logged windows after the first (no start-up, no evaluation)."""
+    records = [json.loads(line) for line in train_log.read_text().splitlines()]
+    return statistics.median(record["images_per_s"] for record in records[1:] or records)
+
+
+def record(name: str, summary: dict, metrics: dict, scheduled_steps: int, steady_images_per_s: float) -> dict:
     return {
         "system": name,
         "parameters": summary["parameters"],
@@ -216,6 +231,7 @@ def record(name: str, summary: dict, metrics: dict, scheduled_steps: int) -> dic
         "steps": summary["steps"],
         "train_seconds": summary["train_seconds"],
         "images_per_s": summary["images_seen"] / summary["train_seconds"],
+        "train_images_per_s": steady_images_per_s,
         "metrics": metrics,
     }
 
@@ -251,6 +267,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (args.output_dir / "table.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\nResults: {args.output_dir}/summary.json and table.md; each system's runs and logs in {args.output_dir}/")
+    speed = {row["system"]: row["train_images_per_s"] for row in rows}
+    if "medmoe" in speed and "open_clip" in speed:
+        print_json({"pretrain_medmoe_vs_open_clip_images_per_s": speed["medmoe"] / speed["open_clip"]})
     return rows
 
 

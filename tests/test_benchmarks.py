@@ -1,5 +1,8 @@
 """The benchmarks are runnable and compare like with like (their speed is measured by running them, not here)."""
 
+import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,28 @@ def test_benchmark_has_help_and_quick(script):
         timeout=120,
     )
     assert completed.returncode == 0 and "--quick" in completed.stdout
+
+
+def test_gpu_check_dry_run_on_cpu_writes_every_figure(tmp_path):
+    output = tmp_path / "gpu_check.json"
+    completed = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    for part in ("train_sparse", "train_dense", "local_loss", "fsdp2_torchrun"):
+        assert "error" not in results[part], results[part]
+    assert results["moe_sparse_vs_dense_train_speedup"] > 0 and results["evaluation_images_per_s"] > 0
+    assert set(results["local_loss"]) == {"unchunked", "chunked"}
+    fsdp = results["fsdp2_torchrun"]
+    assert fsdp["processes"] == 1 and len(fsdp["losses"]) == 2 and all(math.isfinite(loss) for loss in fsdp["losses"])
+    # accelerate runs FSDP on GPUs only; on a CPU pretraining refuses the config instead of training unsharded
+    accelerate_run = results["accelerate_fsdp"]
+    assert accelerate_run["exit_status"] != 0 and "GPUs only" in "\n".join(accelerate_run["output_tail"])
 
 
 def test_the_loop_baseline_computes_the_same_loss_and_gradients():
