@@ -7,8 +7,9 @@ Measures, on one device: swin-tiny (224 px, K=6 experts, batch 32, bf16 autocast
 with sparse and with dense expert dispatch and the peak device memory of each; the local loss (B=32, 25 words,
 D=256, 28x28 regions) forward + backward time unchunked and chunked and the peak memory of each; a short FSDP2 run
 (training/sharding.py under torchrun, one process per device); accelerate's FSDP path (training/configs/fsdp.yaml
-with training/pretrain.py for a few nano steps: its exit status and the end of its output); and evaluation throughput
-(image embeddings, no gradients). A failing part is recorded in the JSON with its error, and the rest still runs.
+with training/pretrain.py for a few nano steps: its exit status, the lines that name FSDP, its log); and evaluation
+throughput (image embeddings, no gradients). A failing part is recorded in the JSON with its error; the rest still
+runs.
 """
 
 from __future__ import annotations
@@ -186,8 +187,12 @@ def accelerate_fsdp_run(output_dir: Path) -> dict:
     command += ["--max_eval_samples", "16", "--report_to", "none", "--output_dir", str(output_dir)]
     command += ["--overwrite_output_dir"]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    lines = (completed.stdout + completed.stderr).strip().splitlines()
-    return {"exit_status": completed.returncode, "output_tail": lines[-20:]}
+    output = completed.stdout + completed.stderr
+    log = output_dir.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(output)
+    fsdp_lines = [line.strip() for line in output.splitlines() if "FSDP" in line][:5]
+    return {"exit_status": completed.returncode, "lines_naming_fsdp": fsdp_lines, "log": str(log)}
 
 
 def guarded(results: dict, name: str, measure) -> None:

@@ -48,7 +48,7 @@ def test_gpu_check_dry_run_on_cpu_writes_every_figure(tmp_path):
     assert fsdp["processes"] == 1 and len(fsdp["losses"]) == 2 and all(math.isfinite(loss) for loss in fsdp["losses"])
     # accelerate runs FSDP on GPUs only; on a CPU pretraining refuses the config instead of training unsharded
     accelerate_run = results["accelerate_fsdp"]
-    assert accelerate_run["exit_status"] != 0 and "GPUs only" in "\n".join(accelerate_run["output_tail"])
+    assert accelerate_run["exit_status"] != 0 and "GPUs only" in "\n".join(accelerate_run["lines_naming_fsdp"])
 
 
 def test_the_loop_baseline_computes_the_same_loss_and_gradients():
