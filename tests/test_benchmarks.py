@@ -130,8 +130,11 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     results = {"metrics": {"retrieval/image_to_text_R@10": 0.25}}
     (folder / realmed.RUN_DIR / "eval" / "results.json").write_text(json.dumps(results))
     (folder / "scheduled_steps.txt").write_text("60\n")
+    windows = (9.0, 20.0, 22.0, 30.0)  # training throughput: the median after the first (start-up) window
+    log_lines = [json.dumps({"images_per_s": speed}) for speed in windows]
+    (folder / realmed.RUN_DIR / "train_log.jsonl").write_text("\n".join(log_lines))
     row = realmed.finished_record(args, "medmoe")
-    assert row["images_per_s"] == 16.0 and row["scheduled_steps"] == 60
+    assert row["images_per_s"] == 16.0 and row["train_images_per_s"] == 22.0 and row["scheduled_steps"] == 60
     table = realmed.markdown_table([row], args.minutes)
     assert "| medmoe | 2.80M | 2 min | 50 | 16.0 | – | – | 0.250 |" in table
 
