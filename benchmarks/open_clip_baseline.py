@@ -12,7 +12,8 @@ from training/data.py with a MedMoE processor (the MedMoE run's tokenizer, padde
 open_clip's `ClipLoss`; the optimizer, schedule and optimisation step (clipping, non-finite guard) are the training
 scripts' own (training/loop.py). Evaluation is training/run_evaluation.py's `evaluate_model` on a wrapper with
 MedMoE's interface. Writes OUT/train_log.jsonl, OUT/run_summary.json,
-OUT/model.safetensors + OUT/open_clip_config.json and OUT/eval/results.json.
+OUT/model.safetensors + OUT/open_clip_config.json, OUT/eval/results.json and OUT/eval_anchor_prompts/results.json
+(zero-shot with the peer anchor's neutral prompts).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ from training.embedding import model_inputs  # noqa: E402
 from training.loop import build_optimizer, train_step  # noqa: E402
 
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+ANCHOR_PROMPTS = [  # zero-shot also with the peer anchor's neutral prompts (OUT/eval_anchor_prompts)
+    "--templates", str(CONFIGS / "anchor_prompt_templates.txt"),
+    "--class_phrases", str(CONFIGS / "anchor_class_phrases.json"),
+]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_args = evaluation_module.parse_args(eval_argv)
         wrapper = OpenClipForEvaluation(model, args.max_length, tokenizer.pad_token_id)
         summary["evaluation"] = evaluation_module.evaluate_model(eval_args, wrapper, processor, expert_names=[])
+        anchor_argv = [*eval_argv, *ANCHOR_PROMPTS, "--output_dir", str(args.output_dir / "eval_anchor_prompts")]
+        anchor_args = evaluation_module.parse_args([*anchor_argv, "--tasks", "zero_shot"])
+        evaluation_module.evaluate_model(anchor_args, wrapper, processor, expert_names=[])
     (args.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"open_clip run: {args.output_dir} (run_summary.json, model.safetensors, eval/results.json)")
     return summary

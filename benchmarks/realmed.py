@@ -1,23 +1,27 @@
 """Real-data benchmark: MedMoE (and its ablations) vs open_clip on realmed, each for the same wall-clock budget.
 
     python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20
+    python benchmarks/realmed.py --systems medmoe,medmoe_seed43,open_clip,open_clip_train --minutes 20  # the final
 
-Every system trains on the realmed train split (same rows, tokens, 128-px images, batch of 32, learning rate,
-schedule) for --minutes of training time on this machine, then is scored by training/run_evaluation.py on the eval
-split:
-image->text and text->image R@1/5/10 (pool: the eval split), zero-shot modality accuracy, routing purity vs
-modality, linear-probe accuracy on modality and on label. The schedule's length comes from a short calibration
-run per system (its images/s times the budget), so the cosine schedule ends as the budget does.
+Every MedMoE system and the equal-size open_clip train on the realmed train split (same rows, tokens, 128-px images,
+batch of 32, learning rate, schedule) for --minutes of training time on this machine; the schedule's length comes
+from a short calibration run per system (its images/s times the budget), so the cosine schedule ends as the budget
+does. open_clip_train is the peer anchor (../shared/anchors/open_clip_train_realmed.md): open_clip's own training
+CLI with its own recipe, tokenizer and transforms, stopped at the same budget (benchmarks/open_clip_train_anchor.py).
+All are scored by training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties broken at random)
+and text-match R@K (pool: the eval split), zero-shot modality accuracy and balanced accuracy with the anchor's
+neutral prompts (benchmarks/configs/) and with the project's own, routing purity and NMI vs modality, linear-probe
+accuracy on modality and on label.
 
-Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), single_expert,
-local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3 (each changes one thing), and open_clip
-(random-init CLIP of about the same size, in a separate virtual environment this script creates with
-`open_clip_torch`; see benchmarks/open_clip_baseline.py). Writes OUT/SYSTEM/ for each run, OUT/summary.json and
-OUT/table.md, and prints the table and, when medmoe and open_clip both ran, JSON with
-pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window after the first, at about
-equal parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation included). A system
-that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so
-and exits 0.
+Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), medmoe_seed43 (the same, a
+second seed), single_expert, local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3 (each changes one
+thing), open_clip (random-init CLIP of about the same size; see benchmarks/open_clip_baseline.py) and
+open_clip_train, both in a separate virtual environment this script creates with `open_clip_torch` (and the CLI's
+webdataset and braceexpand). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints the
+table and, when medmoe and open_clip both ran, JSON with pretrain_medmoe_vs_open_clip_images_per_s (training
+images/s, the median logged window after the first, at about equal parameters; the table's images/s is the whole
+budget's, start-up and in-loop evaluation included). A system that already finished in OUT is reused (delete
+OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -39,24 +43,39 @@ from benchmarks.common import print_json  # noqa: E402
 
 MEDMOE_SYSTEMS = {
     "medmoe": [],
+    "medmoe_seed43": ["--seed", "43"],  # the same system, a second seed
     "single_expert": ["--num_experts", "1"],
     "local_loss_on": ["--local_loss_weight", "1"],
     "local_loss_0.25": ["--local_loss_weight", "0.25"],
     "router_text_teacher": ["--router_input", "text_teacher"],
     "expert_depth_3": ["--expert_depth", "3"],
 }
-SYSTEMS = (*MEDMOE_SYSTEMS, "open_clip")
+SYSTEMS = (*MEDMOE_SYSTEMS, "open_clip", "open_clip_train")
+RECIPE_PACKAGES = ["webdataset>=0.2.5,<=0.2.86", "braceexpand"]  # what open_clip_train.main imports beyond open_clip
 RUN_DIR = "run"  # OUT/SYSTEM/run: the system's training run (for MedMoE, the model folder pretrain.py writes)
 EVAL_TASKS = "zero_shot,retrieval,linear_probe,routing"
-TABLE_COLUMNS = (  # (heading, results.json metric)
+ANCHOR_PROMPTS = [  # the anchor's neutral prompt ensemble (../shared/anchors/open_clip_train_realmed.md)
+    "--templates", "benchmarks/configs/anchor_prompt_templates.txt",
+    "--class_phrases", "benchmarks/configs/anchor_class_phrases.json",
+]  # fmt: skip
+ANCHOR_PROMPT_EVAL = "eval_anchor_prompts"  # OUT/SYSTEM/run/eval_anchor_prompts: zero-shot with those prompts
+TABLE_COLUMNS = (  # (heading, metric; anchor/ = zero-shot with the anchor's prompts), the anchor's figures first
     ("i→t R@1", "retrieval/image_to_text_R@1"),
     ("i→t R@5", "retrieval/image_to_text_R@5"),
     ("i→t R@10", "retrieval/image_to_text_R@10"),
     ("t→i R@1", "retrieval/text_to_image_R@1"),
     ("t→i R@5", "retrieval/text_to_image_R@5"),
     ("t→i R@10", "retrieval/text_to_image_R@10"),
-    ("zero-shot acc", "zero_shot/accuracy"),
+    ("text-match i→t R@10", "retrieval/image_to_text_text_match_R@10"),
+    ("text-match t→i R@1", "retrieval/text_to_image_text_match_R@1"),
+    ("text-match t→i R@5", "retrieval/text_to_image_text_match_R@5"),
+    ("text-match t→i R@10", "retrieval/text_to_image_text_match_R@10"),
+    ("zero-shot acc", "anchor/zero_shot/accuracy"),
+    ("zero-shot balanced", "anchor/zero_shot/mean_per_class_accuracy"),
+    ("own prompts acc", "zero_shot/accuracy"),
+    ("own prompts balanced", "zero_shot/mean_per_class_accuracy"),
     ("routing purity", "routing/purity"),
+    ("routing NMI", "routing/nmi"),
     ("probe modality", "linear_probe/accuracy_100%"),
     ("probe label", "linear_probe_label/accuracy_100%"),
 )
@@ -135,6 +154,9 @@ def finished_record(args, name: str) -> dict | None:
         return None
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     metrics = json.loads(results.read_text())["metrics"]
+    anchor_results = folder / RUN_DIR / ANCHOR_PROMPT_EVAL / "results.json"
+    if anchor_results.is_file():
+        metrics.update({f"anchor/{k}": v for k, v in json.loads(anchor_results.read_text())["metrics"].items()})
     steady = steady_images_per_second(folder / RUN_DIR / "train_log.jsonl")
     return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()), steady)
 
@@ -168,8 +190,36 @@ def run_medmoe(args, name: str) -> dict:
         "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR / "eval"),
     ]  # fmt: skip
     run(evaluate, folder / "evaluate.log")
+    anchor_zero_shot = [
+        sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
+        "--dataset_name", str(args.data), "--tasks", "zero_shot", *ANCHOR_PROMPTS,
+        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR / ANCHOR_PROMPT_EVAL),
+    ]  # fmt: skip
+    run(anchor_zero_shot, folder / "evaluate_anchor_prompts.log")
     (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
     return finished_record(args, name)
+
+
+def run_open_clip_train(args) -> dict:
+    """The anchor: open_clip's own training CLI with the recipe, budget-stopped, scored alike
+    (benchmarks/open_clip_train_anchor.py in the open_clip environment)."""
+    folder = args.output_dir / "open_clip_train"
+    python = open_clip_python(args)
+    check = [str(python), "-c", "import webdataset, braceexpand, open_clip_train.main"]
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        install = [str(python), "-m", "pip", "install", "--quiet", *RECIPE_PACKAGES]
+        run(install, folder / "install_recipe.log")
+    print(
+        f"[open_clip_train] timing 1 epoch, training for {args.minutes} min, evaluating ... (log: {folder}/train.log)"
+    )
+    command = [
+        str(python), "benchmarks/open_clip_train_anchor.py", "--data", str(args.data), "--minutes", str(args.minutes),
+        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR),
+    ]  # fmt: skip
+    run(command, folder / "train.log")
+    summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
+    (folder / "scheduled_steps.txt").write_text(f"{summary['steps']}\n")
+    return finished_record(args, "open_clip_train")
 
 
 def open_clip_python(args) -> Path:
@@ -262,6 +312,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "open_clip" in args.systems:
         tokenizer = args.output_dir / medmoe_systems[0] / RUN_DIR / "tokenizer"
         rows.append(finished_or_run(args, "open_clip", lambda: run_open_clip(args, tokenizer)))
+    if "open_clip_train" in args.systems:
+        rows.append(finished_or_run(args, "open_clip_train", lambda: run_open_clip_train(args)))
     table = markdown_table(rows, args.minutes)
     (args.output_dir / "summary.json").write_text(json.dumps({"minutes": args.minutes, "systems": rows}, indent=2))
     (args.output_dir / "table.md").write_text(table + "\n")

@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--templates", type=Path, help="file with one prompt template per line, {} = class name")
     parser.add_argument(
+        "--class_phrases",
+        type=Path,
+        help='JSON file naming each class in the prompts, e.g. {"CT": "CT scan"} (default: the class value itself)',
+    )
+    parser.add_argument(
         "--max_samples", type=int, help="evaluate the first N eval rows (default: all; they are the retrieval pool)"
     )
     parser.add_argument("--max_train_samples", type=int, default=2000, help="rows the linear probe is fitted on")
@@ -117,11 +122,13 @@ def zero_shot(evaluation_run: Evaluation, embedded: EmbeddedSet, templates: list
     """Classes of the label column, scored by the model package's zero-shot code."""
     names, labels = evaluation_run.class_labels(embedded)
     model = evaluation_run.model
-    class_embeds = zero_shot_class_embeddings(model, evaluation_run.processor.tokenizer, names, templates).cpu()
+    phrases = json.loads(evaluation_run.args.class_phrases.read_text()) if evaluation_run.args.class_phrases else {}
+    prompted = [phrases.get(name, name) for name in names]
+    class_embeds = zero_shot_class_embeddings(model, evaluation_run.processor.tokenizer, prompted, templates).cpu()
     logit_scale = float(model.clamped_logit_scale().detach())
     metrics, details = evaluation.zero_shot_metrics(embedded.image_embeds, class_embeds, logit_scale, labels, names)
     evaluation_run.metrics.update(metrics)
-    evaluation_run.details["zero_shot"] = {**details, "templates": templates}
+    evaluation_run.details["zero_shot"] = {**details, "templates": templates, "class_phrases": prompted}
 
 
 def retrieval(evaluation_run: Evaluation, embedded: EmbeddedSet) -> None:
