@@ -82,6 +82,10 @@ def export_csv(data: Path, folder: Path) -> Path:
             path = images / f"{len(rows):06d}{suffix}"
             path.write_bytes(record["image"]["bytes"])
             rows.append((str(path), record["text"]))
+    if len(rows) < BATCH_SIZE:
+        raise ValueError(
+            f"The recipe's batch of {BATCH_SIZE} needs at least {BATCH_SIZE} train rows; {data} has {len(rows)}."
+        )
     partial = folder / "train.csv.partial"
     with partial.open("w", newline="") as handle:
         writer = csv.writer(handle)

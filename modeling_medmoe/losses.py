@@ -176,12 +176,8 @@ class _CaptionImageScores(torch.autograd.Function):
         ctx.save_for_backward(
             word_embeds, word_mask, region_embeds, context_norm, word_norm, cosine, weighted, result, *saved_blocks
         )
-        ctx.attention_temperature, ctx.word_temperature, ctx.gram, ctx.block = (
-            attention_temperature,
-            word_temperature,
-            gram,
-            block,
-        )
+        ctx.attention_temperature, ctx.word_temperature = attention_temperature, word_temperature
+        ctx.gram, ctx.block = gram, block
         return result.T
 
     @staticmethod

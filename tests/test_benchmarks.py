@@ -162,6 +162,41 @@ def test_open_clip_baseline_trains_and_is_scored_by_the_evaluation_code(tiny_rea
         assert 0 <= metrics[name] <= 1, name
     assert "linear_probe_label/accuracy_100%" in metrics
     assert (output_dir / "model.safetensors").is_file()
+    anchor_prompts = json.loads((output_dir / "eval_anchor_prompts" / "results.json").read_text())
+    assert "zero_shot/mean_per_class_accuracy" in anchor_prompts["metrics"]
+
+
+def test_the_anchor_trains_with_open_clips_own_cli_and_is_scored_by_the_evaluation_code(tiny_realmed, tmp_path):
+    """Runs where the recipe's packages are importable: .venv-open_clip/bin/python -m pytest (realmed.py installs
+    them there)."""
+    for module in ("open_clip_train.main", "webdataset", "braceexpand"):
+        pytest.importorskip(module)
+    import shutil
+
+    from benchmarks import open_clip_train_anchor
+
+    with pytest.raises(ValueError, match="at least 64 train rows"):  # 48 rows: not one batch of the recipe
+        open_clip_train_anchor.main(["--data", str(tiny_realmed), "--output_dir", str(tmp_path / "small" / "run")])
+    data = tmp_path / "realmed"
+    shutil.copytree(tiny_realmed, data)
+    for copy in (1, 2):  # 144 train rows: two batches of 64 per epoch
+        shutil.copy(data / "data" / "train-0000-of-0001.parquet", data / "data" / f"train-000{copy}-of-0001.parquet")
+    output_dir = tmp_path / "open_clip_train" / "run"
+    summary = open_clip_train_anchor.main(
+        ["--data", str(data), "--minutes", "0.1", "--epochs", "1", "--max_train_samples", "48"]
+        + ["--num_workers", "0", "--output_dir", str(output_dir)]
+    )
+    assert summary["parameters"] > 20_000_000 and summary["steps"] == 2 and summary["images_seen"] == 128
+    rows = (tmp_path / "open_clip_train" / "csv" / "train.csv").read_text().splitlines()
+    assert rows[0] == "filepath,title" and len(rows) > 1
+    metrics = json.loads((output_dir / "eval" / "results.json").read_text())["metrics"]
+    assert "retrieval/text_to_image_text_match_R@10" in metrics
+    anchor_prompts = json.loads((output_dir / "eval_anchor_prompts" / "results.json").read_text())
+    assert anchor_prompts["details"]["zero_shot"]["templates"] == [
+        "a {} image",
+        "a medical {} scan",
+        "a {} of a patient",
+    ]
 
 
 def test_archive_index_benchmark_scores_the_approximate_index_against_flat():

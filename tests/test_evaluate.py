@@ -105,6 +105,16 @@ def test_templates_file_and_a_missing_label_column(model_folder, tmp_path):
         ]
     )
     assert result["details"]["zero_shot"]["templates"] == ["An image of {}."]
+    classes = result["details"]["zero_shot"]["classes"]
+    phrases = tmp_path / "phrases.json"
+    phrases.write_text(json.dumps({classes[0]: "a phrase of its own"}))
+    renamed = evaluate_script.main(
+        ["--model", str(model_folder), "--output_dir", str(tmp_path / "phrased"), "--tasks", "zero_shot"]
+        + ["--templates", str(templates), "--class_phrases", str(phrases), *TINY]
+    )
+    zero_shot = renamed["details"]["zero_shot"]
+    assert zero_shot["classes"] == classes  # the classes keep their names; only the prompts say the phrase
+    assert zero_shot["class_phrases"] == ["a phrase of its own", *classes[1:]]
     with pytest.raises(ValueError, match="no 'diagnosis' column"):
         evaluate_script.main(
             [

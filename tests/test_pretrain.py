@@ -263,6 +263,21 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     assert all(math.isfinite(loss) for loss in losses(output_dir).values())
 
 
+def test_profile_steps_attribute_a_steps_time_to_its_components(tmp_path):
+    output_dir = tmp_path / "profiled"
+    completed = run_script(["--max_steps", "7", "--profile_steps", "2", "--output_dir", str(output_dir), *FAST])
+    assert "Training step profile: steps 6-7" in completed.stdout + completed.stderr
+    profile = json.loads((output_dir / "profile.json").read_text())
+    components = profile["components"]
+    for component in ("Swin backbone (4-scale pyramid)", "text tower", "local loss", "optimizer (clip + AdamW)"):
+        assert components[component]["forward"] > 0, component
+    for component in ("Swin backbone (4-scale pyramid)", "text tower", "local loss"):
+        assert components[component]["backward"] > 0, component  # backward time reaches the forward's component
+    total = sum(sum(parts.values()) for parts in components.values())
+    assert abs(total - profile["ms_per_step"]) < 1e-6 * total
+    assert "| component |" in (output_dir / "profile.md").read_text()
+
+
 def test_sigkill_then_resume_latest_matches_the_uninterrupted_run(short_run, tmp_path):
     """Kill -9 a run once its step-3 checkpoint exists (a half-written checkpoint folder is left beside it), then
     `--resume_from_checkpoint latest`: steps 4-6 reproduce the uninterrupted run's losses exactly."""

@@ -439,10 +439,9 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
             continue
         progress.step += 1
         bar.update(1)
-        profiler.step_ended(progress.step)
-        if profiler.table is not None and profiler.steps:
-            bar.write(f"{profiler.table}\n(written to {args.output_dir / 'profile.md'})")
-            profiler.steps = 0
+        profile_table = profiler.step_ended(progress.step)
+        if profile_table:
+            bar.write(f"{profile_table}\n(written to {args.output_dir / 'profile.md'})")
         is_last = progress.step == args.max_steps or deadline.passed()
         if progress.step % args.logging_steps == 0 or is_last:
             log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, log_file)

@@ -91,14 +91,14 @@ WARMUP_STEPS = 5  # steps before the profiled window (the first steps pay for al
 class StepProfiler:
     """Profile training steps [first_step, first_step + steps) and write OUT/profile.md and OUT/profile.json.
 
-    Call `step_begins(step)` before a step (counting from 0, the steps done so far) and `step_ended(step)` after;
-    a window of 0 steps profiles nothing.
+    Call `step_begins(step)` before a step (counting from 0, the steps done so far) and `step_ended(step)` after it
+    (the steps done now); the latter returns the table once, when the window has just ended. A window of 0 steps
+    profiles nothing.
     """
 
     def __init__(self, model: torch.nn.Module, first_step: int, steps: int, output_dir: Path):
         self.model, self.first_step, self.steps, self.output_dir = model, first_step, steps, output_dir
         self.profiler = self.ranges = None
-        self.table = None
 
     def step_begins(self, step: int) -> None:
         if self.steps and step == self.first_step and self.profiler is None:
@@ -106,12 +106,12 @@ class StepProfiler:
             self.profiler = profile(activities=[ProfilerActivity.CPU])
             self.profiler.__enter__()
 
-    def step_ended(self, step: int) -> None:
-        if self.profiler is None or step < self.first_step + self.steps or self.table is not None:
-            return
+    def step_ended(self, step: int) -> str | None:
+        if self.profiler is None or step != self.first_step + self.steps:
+            return None
         self.profiler.__exit__(None, None, None)
         self.ranges.remove()
-        self.table = self.write(attribute(self.profiler.events()))
+        return self.write(attribute(self.profiler.events()))
 
     def write(self, times: dict[str, dict[str, float]]) -> str:
         """The per-step table (milliseconds and share of the step), written as markdown and JSON."""
