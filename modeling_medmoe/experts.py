@@ -39,7 +39,7 @@ def resize(feature_map: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tenso
 class ScaleFusionExpert(nn.Module):
     """One modality expert E_k: V_k = sum_l beta_k^(l) * F_k^(l) (paper, section 4).
 
-    Every level l is projected to width D (F_k^(l)) and resized in 2-D to the local grid, and an MLP
+    Every level l is projected to width D (F_k^(l)) and resized in 2-D to the local grid; an MLP
     (D -> hidden -> 1, shared across levels) scores each level at each location; a softmax over levels gives the
     scale attention beta.
     """
