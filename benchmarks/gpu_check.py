@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class PeakMemory:
-    """Peak device memory (MB) of the block; on CPU, None (the dry run checks the code path, not memory)."""
+    """Peak device memory (MB) of the block; on CPU, None (the dry run checks the code path, not memory). Entering
+    synchronises the device, so timing can start right after."""
 
     def __init__(self, device: torch.device):
         self.device, self.megabytes = device, None
@@ -79,26 +80,29 @@ def random_batch(config: MedMoEConfig, batch: int, device: torch.device) -> dict
     }
 
 
+def bf16_training_step(model, optimizer, batch: dict, before_optimizer_step=None) -> float:
+    """One optimizer step under bf16 autocast on the batch's device; returns the loss."""
+    with torch.autocast(batch["pixel_values"].device.type, dtype=torch.bfloat16):
+        loss = model(**batch, return_loss=True).loss
+    loss.backward()
+    if before_optimizer_step is not None:
+        before_optimizer_step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
 def training_images_per_s(sizes: dict, dispatch: str, device: torch.device) -> dict:
     config = MedMoEConfig.from_preset(sizes["preset"])
     config.vision_config.expert_dispatch = dispatch
     model = MedMoEModel(config).to(device).train()
     optimizer = build_optimizer(model, 1e-4, 0.05)
     batch = random_batch(config, sizes["batch"], device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch, return_loss=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up
+    bf16_training_step(model, optimizer, batch)  # warm-up
     with PeakMemory(device) as peak:
-        synchronize(device)
         start = time.perf_counter()
         for _ in range(sizes["steps"]):
-            step()
+            bf16_training_step(model, optimizer, batch)
         synchronize(device)
         seconds = time.perf_counter() - start
     return {"images_per_s": sizes["batch"] * sizes["steps"] / seconds, "peak_memory_mb": peak.megabytes}
@@ -113,7 +117,6 @@ def local_loss_figures(sizes: dict, device: torch.device) -> dict:
     for name, chunk_size in (("unchunked", 0), ("chunked", MedMoEConfig().local_loss_chunk_size)):
         local_contrastive_loss(words, mask, regions, *TEMPERATURES, chunk_size=chunk_size).backward()  # warm-up
         with PeakMemory(device) as peak:
-            synchronize(device)
             start = time.perf_counter()
             local_contrastive_loss(words, mask, regions, *TEMPERATURES, chunk_size=chunk_size).backward()
             synchronize(device)
@@ -150,15 +153,11 @@ def fsdp_worker(sizes: dict, device_type: str) -> None:
     model = shard_with_fsdp2(MedMoEModel(config).to(device).train())
     optimizer = build_optimizer(model, 1e-4, 0.05)
     batch = random_batch(config, sizes["batch"], device)
-    losses, start = [], time.perf_counter()
-    for _ in range(sizes["steps"]):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch, return_loss=True).loss
-        loss.backward()
-        average_replicated_gradients(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+    start = time.perf_counter()
+    losses = [
+        bf16_training_step(model, optimizer, batch, lambda: average_replicated_gradients(model))
+        for _ in range(sizes["steps"])
+    ]
     seconds = time.perf_counter() - start
     if rank == 0:
         images_per_s = sizes["batch"] * sizes["steps"] * dist.get_world_size() / seconds

@@ -100,14 +100,15 @@ class ClockedRun:
     keeps the model."""
 
     def __init__(self, budget_seconds: float):
-        self.budget_seconds, self.step_times, self.model = budget_seconds, [], None
+        self.budget_seconds, self.step_times, self.model, self.scheduled_steps = budget_seconds, [], None, None
         self.original_schedule, self.original_create = (
             open_clip_cli.cosine_lr,
             open_clip_cli.create_model_and_transforms,
         )
 
-    def cosine_lr(self, *args, **kwargs):
-        schedule = self.original_schedule(*args, **kwargs)
+    def cosine_lr(self, optimizer, base_lr, warmup_length, steps):
+        self.scheduled_steps = steps
+        schedule = self.original_schedule(optimizer, base_lr, warmup_length, steps)
 
         def clocked(step):
             now = time.monotonic()
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "open_clip_version": open_clip.__version__,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "epochs_scheduled": epochs,
+        "steps_scheduled": clocked.scheduled_steps,
         "steps": steps,
         "images_seen": steps * BATCH_SIZE,
         "train_seconds": round(clocked.seconds(), 1),

@@ -218,7 +218,7 @@ def run_open_clip_train(args) -> dict:
     ]  # fmt: skip
     run(command, folder / "train.log")
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
-    (folder / "scheduled_steps.txt").write_text(f"{summary['steps']}\n")
+    (folder / "scheduled_steps.txt").write_text(f"{summary['steps_scheduled']}\n")
     return finished_record(args, "open_clip_train")
 
 

@@ -187,6 +187,7 @@ def test_the_anchor_trains_with_open_clips_own_cli_and_is_scored_by_the_evaluati
         + ["--num_workers", "0", "--output_dir", str(output_dir)]
     )
     assert summary["parameters"] > 20_000_000 and summary["steps"] == 2 and summary["images_seen"] == 128
+    assert summary["steps_scheduled"] == 2  # one epoch of 144 rows in batches of 64
     rows = (tmp_path / "open_clip_train" / "csv" / "train.csv").read_text().splitlines()
     assert rows[0] == "filepath,title" and len(rows) > 1
     metrics = json.loads((output_dir / "eval" / "results.json").read_text())["metrics"]
