@@ -148,6 +148,7 @@ def train(args, model, processor, tokenizer) -> dict:
         num_workers=args.num_workers,
         shuffle_seed=args.seed,
         shuffle_buffer=args.shuffle_buffer,
+        sentence_sampling=args.sentence_sampling,
     )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)

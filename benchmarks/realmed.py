@@ -14,14 +14,14 @@ neutral prompts (benchmarks/configs/) and with the project's own, routing purity
 accuracy on modality and on label.
 
 Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), medmoe_seed43 (the same, a
-second seed), single_expert, local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3 (each changes one
-thing), open_clip (random-init CLIP of about the same size; see benchmarks/open_clip_baseline.py) and
-open_clip_train, both in a separate virtual environment this script creates with `open_clip_torch` (and the CLI's
-webdataset and braceexpand). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints the
-table and, when medmoe and open_clip both ran, JSON with pretrain_medmoe_vs_open_clip_images_per_s (training
-images/s, the median logged window after the first, at about equal parameters; the table's images/s is the whole
-budget's, start-up and in-loop evaluation included). A system that already finished in OUT is reused (delete
-OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so and exits 0.
+second seed), single_expert, local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3, router_last_level,
+text_tower_256 (each changes one thing), open_clip (random-init CLIP of about the same size; see
+benchmarks/open_clip_baseline.py) and open_clip_train, both in a separate virtual environment this script creates with
+`open_clip_torch` (and the CLI's webdataset and braceexpand). Writes OUT/SYSTEM/ for each run, OUT/summary.json and
+OUT/table.md, and prints the table and, when medmoe and open_clip both ran, JSON with
+pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window after the first, at about equal
+parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation included). A system that already
+finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ import sys
 import venv
 from pathlib import Path
 
+import pyarrow.parquet as parquet
+
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path[0] = str(REPO)
 
 from benchmarks.common import print_json  # noqa: E402
+from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES  # noqa: E402
 
 MEDMOE_SYSTEMS = {
     "medmoe": [],
@@ -49,6 +52,14 @@ MEDMOE_SYSTEMS = {
     "local_loss_0.25": ["--local_loss_weight", "0.25"],
     "router_text_teacher": ["--router_input", "text_teacher"],
     "expert_depth_3": ["--expert_depth", "3"],
+    "experts_per_train_modality": ["--expert_names", "{train_modalities}"],
+    "no_sentence_sampling": ["--sentence_sampling", "0"],
+    "router_last_level": ["--config_overrides", "vision_config.router_levels=last"],  # the paper's router
+    "text_tower_256": [  # the anchor's text width and depth
+        "--config_overrides",
+        "text_config.hidden_size=256,text_config.num_hidden_layers=4,text_config.num_attention_heads=4,"
+        "text_config.intermediate_size=1024",
+    ],
 }
 SYSTEMS = (*MEDMOE_SYSTEMS, "open_clip", "open_clip_train")
 RECIPE_PACKAGES = ["webdataset>=0.2.5,<=0.2.86", "braceexpand"]  # what open_clip_train.main imports beyond open_clip
@@ -87,9 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per system")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark-realmed"))
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=64, help="the anchor's (screened: BENCHMARKS.md section 5)")
     parser.add_argument("--max_length", type=int, default=48, help="report tokens (realmed's reports are short)")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="screened against 1e-3 at batch 64")
+    parser.add_argument(
+        "--sentence_sampling", type=float, default=0.5, help="share of training reports cut to one sentence"
+    )
     parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
     parser.add_argument("--open_clip_venv", type=Path, default=REPO / ".venv-open_clip")
     parser.add_argument("--num_workers", type=int, default=2)
@@ -106,6 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def realmed_present(folder: Path) -> bool:
     data = folder / "data"
     return any(data.glob("train-*.parquet")) and any(data.glob("eval-*.parquet"))
+
+
+def train_modalities(folder: Path) -> list[str]:
+    """The modalities of realmed's train split (its `modality` column), the preset's expert order first."""
+    present = set()
+    for file in sorted((folder / "data").glob("train-*.parquet")):
+        present.update(parquet.read_table(file, columns=["modality"])["modality"].to_pylist())
+    known = [name for name in DEFAULT_EXPERT_NAMES if name in present]
+    return known + sorted(present - set(known) - {None})
 
 
 def run(command: list[str], log: Path) -> None:
@@ -139,9 +162,11 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
         sys.executable, "training/pretrain.py", "--dataset_name", str(args.data), "--preset", "small",
         "--report_type_column", "modality", "--per_device_train_batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
-        "--warmup_steps", str(max(1, max_steps // 10)), "--max_steps", str(max_steps), "--eval_steps", "0",
-        "--logging_steps", str(logging_steps(args)), "--report_to", "none",
-        "--num_workers", str(args.num_workers), "--output_dir", str(output_dir), "--overwrite_output_dir", *extra,
+        "--sentence_sampling", str(args.sentence_sampling), "--warmup_steps", str(max(1, max_steps // 10)),
+        "--max_steps", str(max_steps), "--eval_steps", "0", "--logging_steps", str(logging_steps(args)),
+        "--report_to", "none", "--num_workers", str(args.num_workers), "--output_dir", str(output_dir),
+        "--overwrite_output_dir",
+        *[argument.format(train_modalities=",".join(train_modalities(args.data))) for argument in extra],
     ]  # fmt: skip
     return command + (["--max_train_minutes", str(minutes)] if minutes else [])
 
@@ -248,7 +273,7 @@ def run_open_clip(args, tokenizer: Path) -> dict:
         str(python), "benchmarks/open_clip_baseline.py", "--dataset_name", str(args.data),
         "--tokenizer", str(tokenizer), "--per_device_train_batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
-        "--num_workers", str(args.num_workers),
+        "--sentence_sampling", str(args.sentence_sampling), "--num_workers", str(args.num_workers),
     ]  # fmt: skip
     print(f"[open_clip] calibrating ({args.calibration_steps} steps) ...", flush=True)
     calibration = [

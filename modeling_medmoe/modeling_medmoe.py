@@ -130,7 +130,9 @@ class MedMoEVisionModel(nn.Module):
         router_hidden_dim = vision_config.router_hidden_dim or max(
             int(vision_config.router_hidden_ratio * levels[-1]), config.num_experts
         )
-        self.image_router = RouterMLP(levels[-1], router_hidden_dim, config.num_experts)
+        self.router_levels = vision_config.router_levels
+        router_features = sum(levels) if self.router_levels == "all" else levels[-1]
+        self.image_router = RouterMLP(router_features, router_hidden_dim, config.num_experts)
         self.image_projection = Head(vision_config.expert_dim, config.projection_dim)
         grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
         self.local_grid_size = (grid, grid)
@@ -138,7 +140,8 @@ class MedMoEVisionModel(nn.Module):
     def route(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """pixel_values [B, 3, H, W] -> (the 4 pyramid levels [B, C_l, H_l, W_l], router logits [B, K])."""
         levels = self.vision_pyramid(pixel_values)
-        return levels, self.image_router(levels[-1].mean(dim=(2, 3)))
+        read = levels if self.router_levels == "all" else levels[-1:]
+        return levels, self.image_router(torch.cat([level.mean(dim=(2, 3)) for level in read], dim=1))
 
     def encode(
         self,

@@ -121,7 +121,7 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     assert realmed.realmed_present(tiny_realmed) and not realmed.realmed_present(tmp_path)
     log = tmp_path / "train_log.jsonl"
     log.write_text("\n".join(json.dumps({"images_per_s": speed}) for speed in (5.0, 30.0, 34.0)))
-    assert realmed.schedule_steps(args, log) == int(2 * 60 * 32 / 32)  # mean of the last two windows, batch 32
+    assert realmed.schedule_steps(args, log) == int(2 * 60 * 32 / 64)  # mean of the last two windows, batch 64
     assert realmed.finished_record(args, "medmoe") is None
     folder = tmp_path / "medmoe"
     (folder / realmed.RUN_DIR / "eval").mkdir(parents=True)
@@ -137,6 +137,10 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     assert row["images_per_s"] == 16.0 and row["train_images_per_s"] == 22.0 and row["scheduled_steps"] == 60
     table = realmed.markdown_table([row], args.minutes)
     assert "| medmoe | 2.80M | 2 min | 50 | 16.0 | – | – | 0.250 |" in table
+    assert realmed.train_modalities(tiny_realmed) == ["X-ray", "CT", "MRI", "ultrasound", "pathology", "fundus"]
+    command = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["experts_per_train_modality"], 9, 2)
+    assert command[command.index("--expert_names") + 1] == "X-ray,CT,MRI,ultrasound,pathology,fundus"
+    assert command[command.index("--sentence_sampling") + 1] == "0.5" and command[-2:] == ["--max_train_minutes", "2"]
 
 
 def test_open_clip_baseline_trains_and_is_scored_by_the_evaluation_code(tiny_realmed, tokenizer, tmp_path):

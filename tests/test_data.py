@@ -172,3 +172,43 @@ def test_mixed_file_types_in_one_glob_are_refused(tmp_path):
         data.files_stream(str(tmp_path / "*"))
     with pytest.raises(FileNotFoundError):
         data.files_stream(str(tmp_path / "*.tar"))
+
+
+def test_sentence_sampling_trains_on_single_sentences_and_keeps_the_reports_label(
+    phantoms, processor, nano_config, tmp_path
+):
+    from training.text_augmentation import SentenceSampler, split_sentences
+
+    assert split_sentences("Chest X-ray, PA view.  No effusion; e.g. none. 3.5 cm nodule! Stable?") == [
+        "Chest X-ray, PA view.",
+        "No effusion; e.g. none.",
+        "3.5 cm nodule!",
+        "Stable?",
+    ]
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        SentenceSampler(1.5)
+    reports = [{**row, "text": f"{row['text']} Finding {index} is stable. No other change."} for index, row in
+               enumerate(phantoms)]  # fmt: skip
+    write_parquet(reports, tmp_path / "reports.parquet")
+    stream = data.load_stream(data.DataOptions(train_files=str(tmp_path / "reports.parquet")), "train")
+    loader_kwargs = dict(
+        image_column="image",
+        text_column="caption",
+        batch_size=ROWS,
+        expert_names=nano_config.expert_names,
+        num_workers=0,
+    )
+    whole = next(iter(data.build_loader(stream, processor, training=True, shuffle_seed=0, **loader_kwargs)))
+
+    def sampled(probability, **kwargs):
+        loader = data.build_loader(stream, processor, shuffle_seed=0, sentence_sampling=probability, **kwargs)
+        return next(iter(loader))
+
+    every = sampled(1.0, training=True, **loader_kwargs)
+    for report, sentence in zip(whole["texts"], every["texts"]):
+        assert sentence in split_sentences(report)
+    assert torch.equal(every["report_type_labels"], whole["report_type_labels"])  # read from the whole report
+    assert sampled(1.0, training=True, **loader_kwargs)["texts"] == every["texts"]  # seeded: a resume replays it
+    assert sampled(1.0, training=False, **loader_kwargs)["texts"] != every["texts"]  # evaluation: whole reports
+    half = sampled(0.5, training=True, **loader_kwargs)["texts"]
+    assert 0 < sum(text in whole["texts"] for text in half) < len(half)

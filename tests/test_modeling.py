@@ -156,6 +156,21 @@ def test_text_routed_config_trains_the_image_router_on_the_report_type(nano_conf
     torch.testing.assert_close(out.router_loss, expected)
 
 
+def test_a_router_reading_every_level_routes_by_all_four(nano_config, batch, tmp_path):
+    config = nano_config.__class__.from_dict(nano_config.to_dict())
+    config.vision_config.router_levels = "all"
+    torch.manual_seed(0)
+    model = MedMoEModel(config).eval()
+    vision = model.vision_model
+    levels, router_logits = vision.route(batch["pixel_values"])
+    pooled = torch.cat([level.mean(dim=(2, 3)) for level in levels], dim=1)
+    assert pooled.shape[1] == sum(vision.vision_pyramid.channels)
+    torch.testing.assert_close(router_logits, vision.image_router(pooled))
+    model.save_pretrained(tmp_path)
+    reloaded = MedMoEModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded.vision_model.route(batch["pixel_values"])[1], router_logits)
+
+
 def test_image_classifier_works_with_a_text_routed_config(nano_config, batch):
     labels = {"id2label": {0: "CT", 1: "MRI", 2: "X-ray"}, "label2id": {"CT": 0, "MRI": 1, "X-ray": 2}}
     config = nano_config.__class__.from_dict({**nano_config.to_dict(), "router_input": "text", **labels})

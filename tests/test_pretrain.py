@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from modeling_medmoe import MedMoEConfig
+
 from .helpers import load_in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,3 +383,22 @@ def test_card_states_what_happened_in_a_run_stopped_by_the_budget(tmp_path):
     for name in ("README.md", "args.json", "eval_results.json", "config.json"):
         text = (model_dir / name).read_text()
         assert "st-elsewhere-hospital" not in text, name  # the data's folders (the model's own path may appear)
+
+
+def test_config_overrides_reach_the_sub_configs_and_refuse_unknown_keys():
+    from training.pretrain import apply_config_overrides, parse_args
+
+    config = MedMoEConfig.from_preset("small")
+    apply_config_overrides(config, "vision_config.router_levels=all, text_config.num_hidden_layers=4,projection_dim=64")
+    assert (config.vision_config.router_levels, config.text_config.num_hidden_layers) == ("all", 4)
+    assert config.projection_dim == 64
+    for bad, message in [
+        ("vision_config.router_levels=both", "router_levels must be"),
+        ("vision_config.no_such_key=1", "a key the config has"),
+        ("nothing.key=1", "names no sub-config"),
+        ("projection_dim", "KEY=VALUE"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            apply_config_overrides(MedMoEConfig.from_preset("small"), bad)
+    with pytest.raises(SystemExit):  # argparse's error, before any work
+        parse_args(["--preset", "small", "--config_overrides", "text_config.hidden_size=wide"])

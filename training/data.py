@@ -27,6 +27,7 @@ from modeling_medmoe.dicom import DicomPixels, is_dicom, read_dicom
 from modeling_medmoe.report_types import report_type_index, type_name_to_index
 
 from .synthetic import EVAL_SEED, TRAIN_SEED, synthetic_stream
+from .text_augmentation import SentenceSampler
 
 SYNTHETIC = "synthetic"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "image_path", "path", "file_name", "filename")
@@ -58,8 +59,8 @@ class DataOptions:
         return cls(**{name: value for name, value in vars(args).items() if name in names and value is not None})
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data flags every script shares."""
+def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """The data flags every script shares (`training`: and the training-only augmentation)."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", default=SYNTHETIC, help="synthetic, a Hub dataset id or a local dataset folder")
     data.add_argument("--train_files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
@@ -70,6 +71,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--text_column", help="default: detected (text, report, caption, findings, ...)")
     data.add_argument("--report_type_column", help="column naming the modality; default: read from the report text")
     data.add_argument("--shuffle_buffer", type=int, default=1000)
+    if training:
+        data.add_argument(
+            "--sentence_sampling",
+            type=float,
+            default=0.0,
+            help="share of training reports replaced by one of their sentences, drawn at random (ConVIRT; 0 = off)",
+        )
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process (decode + transforms)")
 
 
@@ -295,6 +303,7 @@ class BatchStream(torch.utils.data.IterableDataset):
 
     Use with `DataLoader(batch_stream, batch_size=None, num_workers=...)`; datasets shards the stream across the
     workers. A last partial batch is dropped when `drop_last` (training: every process must see equal batches).
+    `sample_sentences` (training) replaces some reports by one of their sentences.
     """
 
     stream: datasets.IterableDataset
@@ -302,18 +311,25 @@ class BatchStream(torch.utils.data.IterableDataset):
     collate: BatchCollator
     batch_size: int
     drop_last: bool = True
+    sample_sentences: SentenceSampler | None = None
 
     def __post_init__(self):
         super().__init__()
 
     def __iter__(self) -> Iterator[dict]:
         samples, skipped = [], Counter()
+        if self.sample_sentences is not None:
+            worker = torch.utils.data.get_worker_info()
+            rng = self.sample_sentences.rng_for(self.stream.epoch, worker.id if worker else 0)
         for row in self.stream:
             try:
-                samples.append(self.prepare(row))
+                sample = self.prepare(row)
             except SkipRow as skip:
                 skipped[skip.reason] += 1
                 continue
+            if self.sample_sentences is not None:
+                sample["text"] = self.sample_sentences(sample["text"], rng)
+            samples.append(sample)
             if len(samples) == self.batch_size:
                 yield self.collate(samples, skipped)
                 samples, skipped = [], Counter()
@@ -388,12 +404,14 @@ def build_loader(
     shuffle_seed: int | None = None,
     shuffle_buffer: int = 1000,
     max_rows: int | None = None,
+    sentence_sampling: float = 0.0,
 ) -> torch.utils.data.DataLoader:
     """The one way a stream becomes batches, for every script and benchmark.
 
     Training (`training=True`): this process's part of the stream, shuffled when `shuffle_seed` is given, full
-    batches only. Evaluation: the first `max_rows` rows in stream order, every row. `metadata_columns` that the
-    stream has are kept in `batch["metadata"]`.
+    batches only, a `sentence_sampling` share of the reports replaced by one of their sentences
+    (`SentenceSampler`). Evaluation: the first `max_rows` rows in stream order, every row, whole reports.
+    `metadata_columns` that the stream has are kept in `batch["metadata"]`.
     """
     prepared = prepare_stream(
         stream,
@@ -407,7 +425,15 @@ def build_loader(
     columns = stream_columns(stream) if metadata_columns else {}
     present = tuple(dict.fromkeys(column for column in metadata_columns if column in columns))
     prepare = RowPreparer(processor, list(expert_names), image_column, text_column, report_type_column, present)
-    batches = BatchStream(prepared, prepare, BatchCollator(processor, max_length), batch_size, drop_last=training)
+    sampler = SentenceSampler(sentence_sampling, (shuffle_seed or 0) + process_index) if training else None
+    batches = BatchStream(
+        prepared,
+        prepare,
+        BatchCollator(processor, max_length),
+        batch_size,
+        drop_last=training,
+        sample_sentences=sampler if sampler and sampler.probability > 0 else None,
+    )
     return make_dataloader(batches, num_workers, in_order=not training)
 
 
@@ -434,6 +460,7 @@ def script_loaders(args, accelerator, processor, train_stream, image_column: str
         num_processes=accelerator.num_processes,
         shuffle_seed=args.seed,
         shuffle_buffer=args.shuffle_buffer,
+        sentence_sampling=args.sentence_sampling,
         **shared,
     )
     if args.train_files and not args.eval_files:

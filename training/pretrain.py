@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedConfig, get_scheduler
 
 from model_card.generate import write_model_card
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
@@ -62,9 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--router_input", choices=["image", "text", "text_teacher"], help="override the preset's router")
     model.add_argument("--num_experts", type=int, help="number of experts (1 = no mixture)")
+    model.add_argument(
+        "--expert_names",
+        type=lambda names: [name.strip() for name in names.split(",") if name.strip()],
+        help="one expert per report type, comma-separated, e.g. the modalities of your data "
+        "(default: X-ray,CT,MRI,ultrasound,pathology,fundus); report-type labels index this list",
+    )
     model.add_argument("--local_loss_weight", type=float, help="weight of the local loss (0 = global loss only)")
     model.add_argument("--router_loss_weight", type=float, help="weight of the router's cross-entropy")
     model.add_argument("--expert_depth", type=int, help="1 = 1x1 projections (paper Table 3); >1 adds conv blocks")
+    model.add_argument(
+        "--config_overrides",
+        help='override config attributes, sub-configs by dotted name: "vision_config.router_levels=all,'
+        'text_config.num_hidden_layers=4" (applied last)',
+    )
     model.add_argument("--tokenizer", help="use this tokenizer (folder or Hub id) instead of learning one")
     model.add_argument(
         "--tokenizer_vocab_size", type=int, default=2048, help="WordPiece vocabulary learnt from the data"
@@ -136,15 +147,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.vision_backbone_weights and args.vision_backbone_weights.suffix != ".safetensors":
         parser.error("--vision_backbone_weights takes a .safetensors file (nothing is unpickled)")
+    if args.expert_names is not None and args.num_experts not in (None, len(args.expert_names)):
+        parser.error(f"--num_experts {args.num_experts} but --expert_names names {len(args.expert_names)} experts")
+    if args.expert_names is not None and not args.expert_names:
+        parser.error("--expert_names needs at least one name")
+    if args.expert_names and len({name.lower() for name in args.expert_names}) < len(args.expert_names):
+        parser.error(f"--expert_names names a report type twice: {args.expert_names}")
+    if args.config_overrides:
+        try:  # fail now, not after the tokenizer and the data
+            apply_config_overrides(MedMoEConfig.from_preset(args.preset), args.config_overrides)
+        except (ValueError, TypeError) as error:
+            parser.error(str(error))
     return args
 
 
 def build_config(args: argparse.Namespace, vocab_size: int, text_config=None) -> MedMoEConfig:
     overrides = {
         key: getattr(args, key)
-        for key in ("router_input", "num_experts", "local_loss_weight", "router_loss_weight")
+        for key in ("router_input", "num_experts", "expert_names", "local_loss_weight", "router_loss_weight")
         if getattr(args, key) is not None
     }
+    if args.expert_names:
+        overrides["num_experts"] = len(args.expert_names)
     config = MedMoEConfig.from_preset(args.preset, **overrides)
     if text_config is not None:
         config.text_config = text_config
@@ -152,7 +176,28 @@ def build_config(args: argparse.Namespace, vocab_size: int, text_config=None) ->
     config.text_config.max_position_embeddings = max(config.text_config.max_position_embeddings, args.max_length)
     if args.expert_depth is not None:
         config.vision_config.expert_depth = args.expert_depth
+    if args.config_overrides:
+        apply_config_overrides(config, args.config_overrides)
     return config
+
+
+def apply_config_overrides(config: MedMoEConfig, overrides: str) -> None:
+    """Sets "key=value,sub_config.key=value" on `config` or its sub-configs, cast to each attribute's type.
+
+    As `PreTrainedConfig.update_from_string` (whose casting it uses), but reaching into `vision_config` and
+    `text_config`; unknown keys and sub-configs are errors, and the architecture is validated again."""
+    for assignment in overrides.split(","):  # values hold no commas: config overrides are scalars
+        key, separator, value = assignment.strip().partition("=")
+        *path, attribute = key.split(".")
+        target = config
+        for name in path:
+            target = getattr(target, name, None)
+            if not isinstance(target, PreTrainedConfig):
+                raise ValueError(f"--config_overrides: {key!r} names no sub-config ({name!r})")
+        if not separator or not hasattr(target, attribute):
+            raise ValueError(f"--config_overrides: expected KEY=VALUE with a key the config has, got {assignment!r}")
+        target.update_from_string(f"{attribute}={value}")
+    config.vision_config.validate_architecture()
 
 
 # What a run leaves beside the model in --output_dir; the upload leaves them out.

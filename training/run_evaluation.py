@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a saved MedMoE folder or Hub id")
     parser.add_argument("--output_dir", required=True, type=Path)
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    data_module.add_data_arguments(parser)  # --train_files / the train split feed the linear probe
+    data_module.add_data_arguments(parser, training=False)  # --train_files / the train split feed the linear probe
     parser.add_argument("--label_column", default="modality", help="classes for zero-shot, probe and routing")
     parser.add_argument(
         "--probe_columns", help="comma-separated columns the linear probe classifies (default: the label column)"
