@@ -4,24 +4,27 @@
     python benchmarks/realmed.py --systems medmoe,medmoe_seed43,open_clip,open_clip_train --minutes 20  # the final
 
 Every MedMoE system and the equal-size open_clip train on the realmed train split (same rows, tokens, 128-px images,
-batch of 32, learning rate, schedule) for --minutes of training time on this machine; the schedule's length comes
-from a short calibration run per system (its images/s times the budget), so the cosine schedule ends as the budget
-does. open_clip_train is the peer anchor (../shared/anchors/open_clip_train_realmed.md): open_clip's own training
-CLI with its own recipe, tokenizer and transforms, stopped at the same budget (benchmarks/open_clip_train_anchor.py).
-All are scored by training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties broken at random)
-and text-match R@K (pool: the eval split), zero-shot modality accuracy and balanced accuracy with the anchor's
-neutral prompts (benchmarks/configs/) and with the project's own, routing purity and NMI vs modality, linear-probe
-accuracy on modality and on label.
+batch of 64, learning rate 2e-3, schedule, half the reports cut to one sentence) for --minutes of training time on this
+machine; the schedule's length comes from a short calibration run per system (its images/s times the budget), so the
+cosine schedule ends as the budget does. open_clip_train is the peer anchor
+(../shared/anchors/open_clip_train_realmed.md): open_clip's own training CLI with its own recipe, tokenizer and
+transforms, stopped at the same budget (benchmarks/open_clip_train_anchor.py). All are scored by
+training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties broken at random) and text-match R@K
+(pool: the eval split), zero-shot modality accuracy and balanced accuracy with the anchor's neutral prompts
+(benchmarks/configs/) and with the project's own, routing purity and NMI vs modality, linear-probe accuracy on modality
+and on label.
 
 Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), medmoe_seed43 (the same, a
-second seed), single_expert, local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3, router_last_level,
-text_tower_256 (each changes one thing), open_clip (random-init CLIP of about the same size; see
-benchmarks/open_clip_baseline.py) and open_clip_train, both in a separate virtual environment this script creates with
-`open_clip_torch` (and the CLI's webdataset and braceexpand). Writes OUT/SYSTEM/ for each run, OUT/summary.json and
-OUT/table.md, and prints the table and, when medmoe and open_clip both ran, JSON with
-pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window after the first, at about equal
-parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation included). A system that already
-finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so and exits 0.
+second seed), single_expert, local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3, router_last_level (the
+paper's router, on the coarsest level only), text_tower_256 (the anchor's text width and depth),
+experts_per_train_modality (experts named after the train split's modalities), no_sentence_sampling (each changes one
+thing), open_clip (random-init CLIP of about the same size; see benchmarks/open_clip_baseline.py) and open_clip_train,
+both in a separate virtual environment this script creates with `open_clip_torch` (and the CLI's webdataset and
+braceexpand). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints the table and, when medmoe
+and open_clip both ran, JSON with pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window
+after the first, at about equal parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation
+included). A system that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold
+realmed, it says so and exits 0.
 """
 
 from __future__ import annotations
