@@ -161,6 +161,9 @@ def logging_steps(args) -> int:
 
 
 def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, minutes: float | None) -> list[str]:
+    if any("{train_modalities}" in argument for argument in extra):  # read the train split once, and only then
+        modalities = ",".join(train_modalities(args.data))
+        extra = [argument.format(train_modalities=modalities) for argument in extra]
     command = [
         sys.executable, "training/pretrain.py", "--dataset_name", str(args.data), "--preset", "small",
         "--report_type_column", "modality", "--per_device_train_batch_size", str(args.batch_size),
@@ -168,8 +171,7 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
         "--sentence_sampling", str(args.sentence_sampling), "--warmup_steps", str(max(1, max_steps // 10)),
         "--max_steps", str(max_steps), "--eval_steps", "0", "--logging_steps", str(logging_steps(args)),
         "--report_to", "none", "--num_workers", str(args.num_workers), "--output_dir", str(output_dir),
-        "--overwrite_output_dir",
-        *[argument.format(train_modalities=",".join(train_modalities(args.data))) for argument in extra],
+        "--overwrite_output_dir", *extra,
     ]  # fmt: skip
     return command + (["--max_train_minutes", str(minutes)] if minutes else [])
 

@@ -153,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--expert_names needs at least one name")
     if args.expert_names and len({name.lower() for name in args.expert_names}) < len(args.expert_names):
         parser.error(f"--expert_names names a report type twice: {args.expert_names}")
+    if args.expert_names:
+        args.num_experts = len(args.expert_names)
     if args.config_overrides:
         try:  # fail now, not after the tokenizer and the data
             apply_config_overrides(MedMoEConfig.from_preset(args.preset), args.config_overrides)
@@ -167,8 +169,6 @@ def build_config(args: argparse.Namespace, vocab_size: int, text_config=None) ->
         for key in ("router_input", "num_experts", "expert_names", "local_loss_weight", "router_loss_weight")
         if getattr(args, key) is not None
     }
-    if args.expert_names:
-        overrides["num_experts"] = len(args.expert_names)
     config = MedMoEConfig.from_preset(args.preset, **overrides)
     if text_config is not None:
         config.text_config = text_config
