@@ -22,6 +22,16 @@ REPORTS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temporary_files_in_pytest_tmp(tmp_path_factory):
+    """Child processes (torchrun, `accelerate launch`, benchmark scripts) write their temporary files, such as the
+    torchelastic_* log folder torchrun leaves behind after every run, inside pytest's own temporary tree, which pytest
+    prunes, instead of the system's temporary directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("subprocess_tmp")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_wordpiece_tokenizer(REPORTS * 4, vocab_size=300)
