@@ -28,7 +28,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
@@ -41,6 +40,7 @@ from transformers import AutoTokenizer, get_scheduler  # noqa: E402
 from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
 from training import data as data_module  # noqa: E402
 from training import run_evaluation as evaluation_module  # noqa: E402
+from training.accelerator import accelerator_for_this_machine  # noqa: E402
 from training.embedding import model_inputs  # noqa: E402
 from training.loop import build_optimizer, train_step  # noqa: E402
 
@@ -150,7 +150,7 @@ def train(args, model, processor, tokenizer) -> dict:
         shuffle_buffer=args.shuffle_buffer,
         sentence_sampling=args.sentence_sampling,
     )
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for_this_machine()
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, get_scheduler
 
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 from training import data as data_module
+from training.accelerator import accelerator_for_this_machine
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing
 from training.loop import build_optimizer, contrastive_forward, train_step
 from training.metrics import classification_results
@@ -154,8 +155,7 @@ def evaluate_contrastive(model, loader, device, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+    accelerator = accelerator_for_this_machine(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )

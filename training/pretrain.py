@@ -13,6 +13,7 @@ silently: resume it (--resume_from_checkpoint latest) or pass --overwrite_output
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -31,6 +32,7 @@ from transformers import PreTrainedConfig, get_scheduler
 from model_card.generate import write_model_card
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
 from training import data as data_module
+from training.accelerator import accelerator_for_this_machine
 from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing, public_dataset_name
 from training.hub import UploadFailed, push_folder
@@ -227,6 +229,15 @@ class ThroughputMeter:
     def images_per_second(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (held-out evaluation, checkpointing) does not count against the training images/s."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
+
 
 def log_step(accelerator, out, scheduler, meter: ThroughputMeter, step: int, model, bar, log_file: Path) -> None:
     """Loss parts averaged over processes, learning rate, images/s and expert usage: to the trackers, the progress
@@ -340,8 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def build_accelerator(args: argparse.Namespace) -> Accelerator:
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+    accelerator = accelerator_for_this_machine(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -491,18 +501,21 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
         if progress.step % args.logging_steps == 0 or is_last:
             log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, log_file)
         if eval_loader is not None and ((args.eval_steps and progress.step % args.eval_steps == 0) or is_last):
-            if accelerator.is_main_process:
-                result = evaluate_retrieval_and_routing(
-                    unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names, eval_dataset
-                )
-                result["step"] = progress.step
-                evaluations.append(result)
-                headline = {name: result["metrics"][name] for name in HEADLINE_METRICS if name in result["metrics"]}
-                accelerator.log({f"eval/{k}": v for k, v in result["metrics"].items()}, step=progress.step)
-                bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
-            accelerator.wait_for_everyone()
+            with meter.paused():
+                if accelerator.is_main_process:
+                    result = evaluate_retrieval_and_routing(
+                        unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names, eval_dataset
+                    )
+                    result["step"] = progress.step
+                    evaluations.append(result)
+                    metrics = result["metrics"]
+                    headline = {name: metrics[name] for name in HEADLINE_METRICS if name in metrics}
+                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
+                    bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
+                accelerator.wait_for_everyone()
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
-            save_checkpoint(accelerator, args.output_dir / "checkpoints", progress, args.checkpoints_total_limit)
+            with meter.paused():
+                save_checkpoint(accelerator, args.output_dir / "checkpoints", progress, args.checkpoints_total_limit)
         if is_last:
             break
     bar.close()
