@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sentence_sampling", type=float, default=0.5, help="share of training reports cut to one sentence"
     )
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seed of the MedMoE systems (medmoe_seed43 keeps its own: 43)"
+    )
     parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
     parser.add_argument("--open_clip_venv", type=Path, default=REPO / ".venv-open_clip")
     parser.add_argument("--num_workers", type=int, default=2)
@@ -171,7 +174,7 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
         "--sentence_sampling", str(args.sentence_sampling), "--warmup_steps", str(max(1, max_steps // 10)),
         "--max_steps", str(max_steps), "--eval_steps", "0", "--logging_steps", str(logging_steps(args)),
         "--report_to", "none", "--num_workers", str(args.num_workers), "--output_dir", str(output_dir),
-        "--overwrite_output_dir", *extra,
+        "--overwrite_output_dir", "--seed", str(args.seed), *extra,
     ]  # fmt: skip
     return command + (["--max_train_minutes", str(minutes)] if minutes else [])
 

@@ -141,6 +141,10 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     command = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["experts_per_train_modality"], 9, 2)
     assert command[command.index("--expert_names") + 1] == "X-ray,CT,MRI,ultrasound,pathology,fundus"
     assert command[command.index("--sentence_sampling") + 1] == "0.5" and command[-2:] == ["--max_train_minutes", "2"]
+    assert command[command.index("--seed") + 1] == "42"  # --seed, for every MedMoE system
+    second_seed = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["medmoe_seed43"], 9, 2)
+    last_seed = max(index for index, argument in enumerate(second_seed) if argument == "--seed")
+    assert second_seed[last_seed + 1] == "43"  # argparse keeps the last value: the system's own seed
 
 
 def test_open_clip_baseline_trains_and_is_scored_by_the_evaluation_code(tiny_realmed, tokenizer, tmp_path):
