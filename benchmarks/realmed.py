@@ -14,17 +14,17 @@ training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties br
 (benchmarks/configs/) and with the project's own, routing purity and NMI vs modality, linear-probe accuracy on modality
 and on label.
 
-Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only), medmoe_seed43 (the same, a
-second seed), single_expert, local_loss_on, local_loss_0.25, router_text_teacher, expert_depth_3, router_last_level (the
-paper's router, on the coarsest level only), text_tower_256 (the anchor's text width and depth),
-experts_per_train_modality (experts named after the train split's modalities), no_sentence_sampling (each changes one
-thing), open_clip (random-init CLIP of about the same size; see benchmarks/open_clip_baseline.py) and open_clip_train,
-both in a separate virtual environment this script creates with `open_clip_torch` (and the CLI's webdataset and
-braceexpand). Writes OUT/SYSTEM/ for each run, OUT/summary.json and OUT/table.md, and prints the table and, when medmoe
-and open_clip both ran, JSON with pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window
-after the first, at about equal parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation
-included). A system that already finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold
-realmed, it says so and exits 0.
+Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only, one expert per modality of the
+train split, as every MedMoE system unless it sets its own experts), medmoe_seed43 (the same, a second seed),
+single_expert, preset_experts (the preset's six experts, the paper's modalities), local_loss_on, local_loss_0.25,
+router_text_teacher, expert_depth_3, router_last_level (the paper's router, on the coarsest level only), text_tower_256
+(the anchor's text width and depth), no_sentence_sampling (each changes one thing), open_clip (random-init CLIP of about
+the same size; see benchmarks/open_clip_baseline.py) and open_clip_train, both in a separate virtual environment this
+script creates with `open_clip_torch` (and the CLI's webdataset and braceexpand). Writes OUT/SYSTEM/ for each run,
+OUT/summary.json and OUT/table.md, and prints the table and, when medmoe and open_clip both ran, JSON with
+pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window after the first, at about equal
+parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation included). A system that already
+finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ MEDMOE_SYSTEMS = {
     "local_loss_0.25": ["--local_loss_weight", "0.25"],
     "router_text_teacher": ["--router_input", "text_teacher"],
     "expert_depth_3": ["--expert_depth", "3"],
-    "experts_per_train_modality": ["--expert_names", "{train_modalities}"],
+    "preset_experts": ["--expert_names", ",".join(DEFAULT_EXPERT_NAMES)],  # `small`'s six (the paper's modalities)
     "no_sentence_sampling": ["--sentence_sampling", "0"],
     "router_last_level": ["--config_overrides", "vision_config.router_levels=last"],  # the paper's router
     "text_tower_256": [  # the anchor's text width and depth
@@ -65,6 +65,7 @@ MEDMOE_SYSTEMS = {
     ],
 }
 SYSTEMS = (*MEDMOE_SYSTEMS, "open_clip", "open_clip_train")
+DATA_EXPERTS = ["--expert_names", "{train_modalities}"]  # one expert per modality of the train split (section 5)
 RECIPE_PACKAGES = ["webdataset>=0.2.5,<=0.2.86", "braceexpand"]  # what open_clip_train.main imports beyond open_clip
 RUN_DIR = "run"  # OUT/SYSTEM/run: the system's training run (for MedMoE, the model folder pretrain.py writes)
 EVAL_TASKS = "zero_shot,retrieval,linear_probe,routing"
@@ -164,6 +165,10 @@ def logging_steps(args) -> int:
 
 
 def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, minutes: float | None) -> list[str]:
+    """training/pretrain.py for a MedMoE system: the benchmark's recipe, experts named after the train split's
+    modalities unless the system sets its own experts, then the system's EXTRA arguments."""
+    if not {"--num_experts", "--expert_names"} & set(extra):
+        extra = [*DATA_EXPERTS, *extra]
     if any("{train_modalities}" in argument for argument in extra):  # read the train split once, and only then
         modalities = ",".join(train_modalities(args.data))
         extra = [argument.format(train_modalities=modalities) for argument in extra]

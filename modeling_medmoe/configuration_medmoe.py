@@ -193,10 +193,12 @@ PRESETS: dict[str, dict] = {
         "projection_dim": 64,
         "text_hidden_layers_to_sum": 2,
     },
-    # realmed, 20 minutes of 2 CPU cores (benchmarks/realmed.py: batch 64, lr 2e-3, sentence sampling 0.5), mean of
-    # seeds 42 and 43, percent: strict R@10 11.3 image->text / 13.1 text->image, text-match text->image R@10 33.6,
-    # zero-shot modality accuracy 68.8 / balanced 74.4 (the anchor's prompts), routing purity 0.893; open_clip's own
-    # recipe (20.9M parameters) 10.7 / 11.9, 31.0, 68.6 / 75.6 (BENCHMARKS.md section 5).
+    # realmed, 20 minutes of 2 CPU cores (benchmarks/realmed.py: batch 64, lr 2e-3, sentence sampling 0.5, experts
+    # named after realmed's modalities with --expert_names), mean of seeds 42 and 43, percent: strict R@10 11.9
+    # image->text / 12.6 text->image, strict image->text R@1 1.64, text-match text->image R@10 30.3, zero-shot
+    # modality accuracy 76.0 / balanced 81.7 (the anchor's prompts), routing purity 0.930 (0.893 with these six
+    # experts); open_clip's own recipe (20.9M parameters) 10.7 / 11.9, 1.53, 31.0, 68.6 / 75.6 (BENCHMARKS.md
+    # section 5).
     "small": {
         "vision_config": {
             "backbone": "swin_tiny_patch4_window7_224",

@@ -138,8 +138,10 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     table = realmed.markdown_table([row], args.minutes)
     assert "| medmoe | 2.80M | 2 min | 50 | 16.0 | – | – | 0.250 |" in table
     assert realmed.train_modalities(tiny_realmed) == ["X-ray", "CT", "MRI", "ultrasound", "pathology", "fundus"]
-    command = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["experts_per_train_modality"], 9, 2)
+    command = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["medmoe"], 9, 2)
     assert command[command.index("--expert_names") + 1] == "X-ray,CT,MRI,ultrasound,pathology,fundus"
+    single = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["single_expert"], 9, 2)
+    assert "--expert_names" not in single  # a system that sets its own experts keeps them
     assert command[command.index("--sentence_sampling") + 1] == "0.5" and command[-2:] == ["--max_train_minutes", "2"]
     assert command[command.index("--seed") + 1] == "42"  # --seed, for every MedMoE system
     second_seed = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["medmoe_seed43"], 9, 2)
