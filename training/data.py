@@ -425,14 +425,14 @@ def build_loader(
     columns = stream_columns(stream) if metadata_columns else {}
     present = tuple(dict.fromkeys(column for column in metadata_columns if column in columns))
     prepare = RowPreparer(processor, list(expert_names), image_column, text_column, report_type_column, present)
-    sampler = SentenceSampler(sentence_sampling, (shuffle_seed or 0) + process_index) if training else None
+    sampler = SentenceSampler(sentence_sampling, (shuffle_seed or 0) + process_index)  # checks the share
     batches = BatchStream(
         prepared,
         prepare,
         BatchCollator(processor, max_length),
         batch_size,
         drop_last=training,
-        sample_sentences=sampler if sampler and sampler.probability > 0 else None,
+        sample_sentences=sampler if training and sentence_sampling > 0 else None,
     )
     return make_dataloader(batches, num_workers, in_order=not training)
 

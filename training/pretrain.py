@@ -149,13 +149,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.vision_backbone_weights and args.vision_backbone_weights.suffix != ".safetensors":
         parser.error("--vision_backbone_weights takes a .safetensors file (nothing is unpickled)")
-    if args.expert_names is not None and args.num_experts not in (None, len(args.expert_names)):
-        parser.error(f"--num_experts {args.num_experts} but --expert_names names {len(args.expert_names)} experts")
-    if args.expert_names is not None and not args.expert_names:
-        parser.error("--expert_names needs at least one name")
-    if args.expert_names and len({name.lower() for name in args.expert_names}) < len(args.expert_names):
-        parser.error(f"--expert_names names a report type twice: {args.expert_names}")
-    if args.expert_names:
+    if args.expert_names is not None:
+        if args.num_experts not in (None, len(args.expert_names)):
+            parser.error(f"--num_experts {args.num_experts} but --expert_names names {len(args.expert_names)} experts")
+        if not args.expert_names:
+            parser.error("--expert_names needs at least one name")
+        if len({name.lower() for name in args.expert_names}) < len(args.expert_names):
+            parser.error(f"--expert_names names a report type twice: {args.expert_names}")
         args.num_experts = len(args.expert_names)
     if args.config_overrides:
         try:  # fail now, not after the tokenizer and the data
