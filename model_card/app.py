@@ -11,6 +11,7 @@ MEDMOE_MODEL to the model's Hub id.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
 import numpy as np
@@ -27,6 +28,9 @@ class Demo:
     def __init__(self, model_name: str):
         self.model = AutoModel.from_pretrained(model_name, trust_remote_code=True).eval()
         self.processor = AutoProcessor.from_pretrained(model_name, trust_remote_code=True)
+        # the labels' checks and limits of the model folder's own code (a Space has only the folder)
+        code_package = type(self.model).__module__.rpartition(".")[0]
+        self.zero_shot_request = importlib.import_module(".zero_shot", package=code_package).zero_shot_request
 
     @torch.no_grad()
     def predict(self, image, labels_text: str, window: str | None = None) -> tuple[dict[str, float], str, Image.Image]:
@@ -36,14 +40,14 @@ class Demo:
         `image` is anything the model's image processor reads: a PIL image, an image or DICOM file path, DICOM bytes
         or a pydicom Dataset; `window` (a CT preset name or "centre,width") applies to DICOM and 16-bit images.
         """
-        labels = [label.strip() for label in labels_text.split(",") if label.strip()] or list(
-            self.model.config.expert_names
-        )
         image_processor = self.processor.image_processor
+        labels, templates = self.zero_shot_request(
+            labels_text if labels_text.strip() else list(self.model.config.expert_names), None, image_processor.limits
+        )
         shown = image_processor.to_display(image, window=window or None)  # decoded and windowed once
         pixel_values = image_processor.unit_to_model_input(shown)[None]
         image_out = self.model(pixel_values=pixel_values)
-        class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels)
+        class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels, templates)
         scores = self.model.zero_shot_probabilities(image_out.image_embeds, class_embeds)[0]
         best = int(scores.argmax())
         expert = self.model.config.expert_names[int(image_out.expert_index[0])]

@@ -11,99 +11,103 @@ Requests (JSON):
         -> {"embeddings": [[...]]}
 IMAGE is a PIL image, the raw bytes of an image or DICOM file, or their base64 string (optionally a data URL).
 For DICOM, "parameters" may also hold "window" (a CT preset: lung, mediastinum, bone, brain, abdomen, or
-[centre, width]) and "frame" (of a multi-frame file; default the middle one). A bad request, an undecodable image or
-DICOM included, returns {"error": "..."} saying what was wrong.
+[centre, width]) and "frame" (of a multi-frame file; default the middle one). A bad request returns
+{"error": "..."} saying what was wrong; nothing a request holds raises out of the handler.
+
+Limits (the model folder's `input_limits` in preprocessor_config.json; defaults in modeling_medmoe/limits.py): an
+image or DICOM file at most 64 MiB as sent, 40M pixels per image or DICOM frame (read from the header, before
+decoding), 1,000 DICOM frames (one is decoded), 64 images or 256 texts of at most 20,000 characters per request,
+100 candidate labels of at most 200 characters, a template of at most 300 characters that is plain text with {}
+once (filled by replacement, never by str.format). A request above a limit is refused before any decoding or
+embedding.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import importlib
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 MODES = ("zero-shot", "image-embedding", "text-embedding")
-DICOM_MAGIC_OFFSET = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
 
 
 class BadRequest(ValueError):
     """The request cannot be served; the message says why."""
 
 
-def read_image(value: Any) -> Image.Image | bytes:
-    """A PIL image from a PIL image, bytes or a base64 string (data URLs accepted); DICOM file bytes stay bytes (the
-    model's image processor reads them)."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, str):
-        payload = value.split(",", 1)[1] if value.startswith("data:") else value
-        try:
-            value = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest("An image string must be base64 (or a data URL).") from None
-    if isinstance(value, (bytes, bytearray)):
-        if bytes(value[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4]) == b"DICM":
-            return bytes(value)
-        try:
-            image = Image.open(io.BytesIO(value))
-            image.load()
-            return image
-        except (UnidentifiedImageError, OSError) as error:
-            raise BadRequest(f"The image bytes could not be decoded ({error}).") from None
-    raise BadRequest(f"Unsupported image input of type {type(value).__name__}; send bytes or base64.")
+def model_code(model, module: str):
+    """A module of the model folder's own code (imported beside the model class, as transformers loaded it)."""
+    return importlib.import_module(f".{module}", package=type(model).__module__.rpartition(".")[0])
 
 
 class EndpointHandler:
     def __init__(self, path: str = ""):
         self.model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        self.limits = self.processor.image_processor.limits
+        self.zero_shot_request = model_code(self.model, "zero_shot").zero_shot_request
 
     def __call__(self, data: dict[str, Any]) -> list[dict] | dict:
         try:
             if not isinstance(data, dict) or "inputs" not in data:
                 raise BadRequest('The request must be a JSON object with "inputs".')
             parameters = data.get("parameters") or {}
+            if not isinstance(parameters, dict):
+                raise BadRequest('"parameters" must be a JSON object.')
             mode = parameters.get("mode", "zero-shot")
-            if mode not in MODES:
+            if not isinstance(mode, str) or mode not in MODES:
                 raise BadRequest(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
             if mode == "zero-shot":
                 return self.zero_shot(data["inputs"], parameters)
             if mode == "image-embedding":
                 return self.image_embeddings(data["inputs"], parameters)
             return self.text_embeddings(data["inputs"])
-        except BadRequest as error:
+        except ValueError as error:  # BadRequest, and the processor's and zero-shot checks (InputTooLarge included)
             return {"error": str(error)}
+
+    def read_image(self, value: Any) -> Image.Image | bytes:
+        """A PIL image, or the bytes of an image or DICOM file (from bytes, or base64 / a data URL), within the
+        size limit; the image processor decodes it, checking its header first."""
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, str):
+            payload = value.split(",", 1)[1] if value.startswith("data:") else value
+            self.limits.check("max_image_bytes", len(payload) * 3 // 4, "The image's size in bytes")
+            try:
+                return base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest("An image string must be base64 (or a data URL).") from None
+        if isinstance(value, (bytes, bytearray)):
+            self.limits.check("max_image_bytes", len(value), "The image's size in bytes")
+            return bytes(value)
+        raise BadRequest(f"Unsupported image input of type {type(value).__name__}; send bytes or base64.")
 
     def pixel_values(self, images: list, parameters: dict) -> torch.Tensor:
         """The model's image processor on these images, with the request's DICOM `window` and `frame`."""
+        window, frame = parameters.get("window"), parameters.get("frame")
+        if frame is not None and (not isinstance(frame, int) or isinstance(frame, bool)):
+            raise BadRequest(f'"frame" must be an integer; got {frame!r}.')
+        if window is not None and not isinstance(window, (str, list)):
+            raise BadRequest(f'"window" must be a preset name or [centre, width]; got {window!r}.')
         try:
-            return self.processor.image_processor(
-                images=images, window=parameters.get("window"), frame=parameters.get("frame")
-            )["pixel_values"]
-        except (ValueError, TypeError, ImportError) as error:
+            return self.processor.image_processor(images=images, window=window, frame=frame)["pixel_values"]
+        except (TypeError, ImportError) as error:
             raise BadRequest(str(error)) from None
 
     @torch.no_grad()
     def zero_shot(self, inputs: Any, parameters: dict) -> list[dict]:
-        image = read_image(inputs)
-        labels = parameters.get("candidate_labels")
-        if isinstance(labels, str):
-            labels = [label.strip() for label in labels.split(",") if label.strip()]
-        if not labels or not all(isinstance(label, str) for label in labels):
-            raise BadRequest('Zero-shot needs "parameters": {"candidate_labels": [...]} with at least one label.')
-        template = parameters.get("hypothesis_template")
-        if template is not None and (not isinstance(template, str) or "{}" not in template):
-            raise BadRequest('"hypothesis_template" must contain {} where the label goes.')
-        image_embeds = self.model.get_image_features(pixel_values=self.pixel_values([image], parameters)).pooler_output
-        tokenizer = self.processor.tokenizer
-        if template is None:
-            class_embeds = self.model.get_zero_shot_class_embeddings(tokenizer, labels)
-        else:
-            class_embeds = self.model.get_zero_shot_class_embeddings(tokenizer, labels, [template])
+        image = self.read_image(inputs)  # the size checks first: nothing is decoded yet
+        labels, templates = self.zero_shot_request(
+            parameters.get("candidate_labels"), parameters.get("hypothesis_template"), self.limits
+        )
+        pixel_values = self.pixel_values([image], parameters)
+        image_embeds = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels, templates)
         scores = self.model.zero_shot_probabilities(image_embeds, class_embeds)[0].tolist()
         return sorted(
             ({"label": label, "score": score} for label, score in zip(labels, scores)), key=lambda x: -x["score"]
@@ -111,10 +115,11 @@ class EndpointHandler:
 
     @torch.no_grad()
     def image_embeddings(self, inputs: Any, parameters: dict) -> dict:
-        images = [read_image(value) for value in (inputs if isinstance(inputs, list) else [inputs])]
-        if not images:
+        values = inputs if isinstance(inputs, list) else [inputs]
+        if not values:
             raise BadRequest("No image given.")
-        out = self.model(pixel_values=self.pixel_values(images, parameters))
+        self.limits.check("max_images", len(values), "The number of images")
+        out = self.model(pixel_values=self.pixel_values([self.read_image(value) for value in values], parameters))
         experts = [self.model.config.expert_names[index] for index in out.expert_index.tolist()]
         return {"embeddings": out.image_embeds.tolist(), "experts": experts}
 
@@ -127,6 +132,8 @@ class EndpointHandler:
             or not all(isinstance(text, str) and text.strip() for text in texts)
         ):
             raise BadRequest('Text embeddings need "inputs" as a non-empty string or a list of them.')
+        self.limits.check("max_texts", len(texts), "The number of texts")
+        self.limits.check("max_text_characters", max(map(len, texts)), "The longest text's length in characters")
         batch = self.processor(text=texts, padding=True, truncation=True)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return {"embeddings": out.text_embeds.tolist()}

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .limits import InputLimits, InputTooLarge
+
 DICOM_MAGIC_OFFSET = 128  # a DICOM file is a 128-byte preamble, then b"DICM"
+PIXEL_DATA_TAG = 0x7FE00010
+HEADER_DEFER_BYTES = 4096  # header values larger than this are not read until used (the pixel data never is here)
+HEADER_INFLATE_BYTES = 1 << 20  # of a deflated file, this much is inflated to read its header
 CODEC_PACKAGES = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or: pip install python-gdcm)"
 
 
@@ -55,34 +61,27 @@ def is_dicom(source) -> bool:
     return is_dicom_dataset(source) or is_dicom_bytes(source)
 
 
-def read_dicom(source, frame: int | None = None) -> DicomPixels:
+def read_dicom(source, frame: int | None = None, limits: InputLimits | None = None) -> DicomPixels:
     """A DICOM file path, the file's bytes or a pydicom Dataset -> `DicomPixels` of frame `frame` (default: the
-    middle frame)."""
+    middle frame). The header is checked against `limits` (frame size, frames) before any pixel is decoded, and
+    only the chosen frame is decoded."""
+    limits = limits or InputLimits()
     try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
+        import pydicom  # noqa: F401
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise ImportError(
             'Reading DICOM needs pydicom: pip install "medmoe[dicom]" (or pip install pydicom).'
         ) from error
 
-    if is_dicom_dataset(source):
-        dataset = source
-    else:
-        try:
-            dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        except (InvalidDicomError, EOFError, OSError) as error:
-            raise ValueError(f"Cannot read this DICOM file: {error}") from error
-    pixels = decoded_pixels(dataset)
+    dataset = source if is_dicom_dataset(source) else open_dicom(source, limits)
+    check_dicom_size(dataset, limits)
     frames = int(dataset.get("NumberOfFrames") or 1)
-    if frames > 1:
-        index = frames // 2 if frame is None else frame
-        if not -frames <= index < frames:
-            raise ValueError(f"frame={frame} is out of range: this DICOM has {frames} frames.")
-        pixels = pixels[index]
-    elif frame not in (None, 0, -1):
-        raise ValueError(f"frame={frame} is out of range: this DICOM has one frame.")
+    index = frames // 2 if frame is None else frame
+    if not -frames <= index < frames:
+        count = f"{frames} frames" if frames > 1 else "one frame"
+        raise ValueError(f"frame={frame} is out of range: this DICOM has {count}.")
+    pixels = decoded_frame(dataset, index % frames)
     if int(dataset.get("SamplesPerPixel") or 1) > 1:
         return DicomPixels(torch.as_tensor(pixels), None, None, inverted=False, color=True)
 
@@ -101,11 +100,79 @@ def read_dicom(source, frame: int | None = None) -> DicomPixels:
     )
 
 
-def decoded_pixels(dataset):
-    """`dataset.pixel_array`, with a clear error when its compression needs a codec that is not installed."""
+def open_dicom(source: bytes | str | os.PathLike, limits: InputLimits):
+    """Parse a DICOM file (path or bytes) into a pydicom Dataset without decoding its pixel data; the file's size
+    and its header's frame size and frame count are checked against `limits` first. A deflated file is inflated
+    only as far as its header says it holds."""
+    import pydicom
+
+    size = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
+    limits.check("max_image_bytes", size, "The DICOM file's size in bytes")
+    try:
+        with _binary(source) as handle:
+            pydicom.filereader.read_preamble(handle, True)
+            file_meta = pydicom.filereader._read_file_meta_info(handle)
+            if file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+                return _inflate_within_limits(handle, file_meta, limits)  # dcmread would inflate it all first
+            handle.seek(0)
+            header = pydicom.dcmread(handle, stop_before_pixels=True, defer_size=HEADER_DEFER_BYTES, force=True)
+            check_dicom_size(header, limits)
+            handle.seek(0)
+            return pydicom.dcmread(handle, force=True)
+    except InputTooLarge:
+        raise
+    except Exception as error:  # pydicom raises many kinds of error on a malformed file: each is unreadable input
+        raise ValueError(f"Cannot read this DICOM file: {type(error).__name__}: {error}") from error
+
+
+def _binary(source: bytes | str | os.PathLike):
+    return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+
+
+def check_dicom_size(dataset, limits: InputLimits) -> None:
+    """Raise InputTooLarge when the header declares a frame or a frame count above `limits`."""
+    rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
+    limits.check("max_image_pixels", rows * columns, f"The DICOM frame's pixel count ({columns}x{rows})")
+    limits.check("max_frames", int(dataset.get("NumberOfFrames") or 1), "The DICOM's number of frames")
+
+
+def _declared_pixel_bytes(dataset) -> int:
+    """Bytes the header says the (uncompressed) pixel data holds."""
+    rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
+    frames, samples = int(dataset.get("NumberOfFrames") or 1), int(dataset.get("SamplesPerPixel") or 1)
+    return rows * columns * frames * samples * -(-int(dataset.get("BitsAllocated") or 8) // 8)
+
+
+def _inflate_within_limits(handle, file_meta, limits: InputLimits):
+    """The dataset after the file meta of a Deflated Explicit VR Little Endian file (`handle` is just past the file
+    meta), inflated no further than its declared pixel data (plus the header's own size) after the header was
+    checked; a file that inflates beyond that is refused."""
+    import pydicom
+    from pydicom.filereader import read_dataset
+
+    compressed = handle.read()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = inflater.decompress(compressed, HEADER_INFLATE_BYTES)
+    is_pixel_data = lambda tag, vr, length: tag == PIXEL_DATA_TAG  # noqa: E731
+    declared = read_dataset(io.BytesIO(head), False, True, stop_when=is_pixel_data, defer_size=HEADER_DEFER_BYTES)
+    check_dicom_size(declared, limits)
+    allowed = HEADER_INFLATE_BYTES + _declared_pixel_bytes(declared)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(compressed, allowed + 1)
+    if len(inflated) > allowed or inflater.unconsumed_tail:
+        raise InputTooLarge(f"This deflated DICOM inflates beyond the {allowed:,} bytes its header declares.")
+    dataset = read_dataset(io.BytesIO(inflated), False, True)
+    return pydicom.dataset.FileDataset(handle, dataset, None, file_meta, is_implicit_VR=False, is_little_endian=True)
+
+
+def decoded_frame(dataset, index: int):
+    """Frame `index` of the dataset's pixel data (only that frame is decoded), with a clear error when its
+    compression needs a codec that is not installed."""
+    from pydicom.pixels import pixel_array
+
     syntax = dataset.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(dataset, "file_meta", {}) else None
     try:
-        return dataset.pixel_array
+        return pixel_array(dataset, index=index)
     except (RuntimeError, NotImplementedError) as error:
         if syntax is not None and syntax.is_compressed:
             reason = str(error).splitlines()[0]
@@ -114,7 +181,7 @@ def decoded_pixels(dataset):
                 f"Install a decoder: {CODEC_PACKAGES}."
             ) from error
         raise ValueError(f"Cannot decode this DICOM's pixel data: {error}") from error
-    except (AttributeError, ValueError) as error:
+    except (AttributeError, ValueError, KeyError, TypeError, IndexError) as error:
         raise ValueError(f"Cannot read this DICOM's pixel data: {error}") from error
 
 

@@ -6,6 +6,7 @@ imported to open an image file path, pydicom (optional) when a DICOM arrives.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from .dicom import DicomPixels, is_dicom_bytes, is_dicom_dataset, is_dicom_file, read_dicom
+from .limits import InputLimits, InputTooLarge
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,8 +45,8 @@ def resolve_window(window: str | Sequence[float] | None) -> tuple[float, float] 
             raise ValueError(f"Unknown window {window!r}; use one of {sorted(WINDOW_PRESETS)} or (centre, width).")
         return WINDOW_PRESETS[window]
     centre, width = (float(value) for value in window)
-    if width <= 0:
-        raise ValueError(f"The window width must be positive, got {width}.")
+    if not width > 0 or not math.isfinite(centre) or not math.isfinite(width):
+        raise ValueError(f"The window width must be positive and both numbers finite, got ({centre}, {width}).")
     return centre, width
 
 
@@ -98,6 +100,8 @@ class MedMoEImageProcessor(BaseImageProcessor):
         window: None, a preset name (lung, mediastinum, bone, brain, abdomen: CT windows in Hounsfield units) or
             (centre, width) in the data's units (after the DICOM modality LUT).
         frame: the frame of a multi-frame DICOM (default: the middle one).
+        input_limits: `InputLimits` fields to change (pixels per image or frame, frames, file bytes, ...); images
+            above them are refused before decoding (`InputTooLarge`). Saved with the processor.
     """
 
     model_input_names = ["pixel_values"]
@@ -110,9 +114,11 @@ class MedMoEImageProcessor(BaseImageProcessor):
         percentiles: Sequence[float] = (0.5, 99.5),
         window: str | Sequence[float] | None = None,
         frame: int | None = None,
+        input_limits: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.input_limits = InputLimits.from_dict(input_limits).to_dict()
         resolve_window(window)  # fail early on a bad window
         self.size = dict(size or {"height": 224, "width": 224})
         self.image_mean = list(image_mean)
@@ -120,6 +126,10 @@ class MedMoEImageProcessor(BaseImageProcessor):
         self.percentiles = list(percentiles)
         self.window = window if window is None or isinstance(window, str) else list(window)
         self.frame = frame
+
+    @property
+    def limits(self) -> InputLimits:
+        return InputLimits.from_dict(self.input_limits)
 
     def preprocess(self, images, return_tensors: str | None = "pt", window=None, frame=None, **kwargs) -> BatchFeature:
         """images: one image or a list (see ACCEPTED_INPUTS); `window` and `frame` override the processor's for this
@@ -164,9 +174,9 @@ class MedMoEImageProcessor(BaseImageProcessor):
         if isinstance(image, (str, os.PathLike)):
             image = self._open(image, frame)
         elif isinstance(image, (bytes, bytearray)):
-            image = read_dicom(image, frame) if is_dicom_bytes(image) else self._decode(image)
+            image = read_dicom(image, frame, self.limits) if is_dicom_bytes(image) else self._decode(image)
         if is_dicom_dataset(image):
-            image = read_dicom(image, frame)
+            image = read_dicom(image, frame, self.limits)
         if isinstance(image, DicomPixels):
             unit = self._dicom_to_unit(image, window)
         else:
@@ -179,32 +189,47 @@ class MedMoEImageProcessor(BaseImageProcessor):
         return unit.permute(2, 0, 1).contiguous()
 
     def _open(self, path: str | os.PathLike, frame: int | None):
-        if not os.path.isfile(path):
+        if not os.path.isfile(path):  # also refuses FIFOs, sockets and devices, which could block a read
             raise FileNotFoundError(f"No image file at {path}.")
         if is_dicom_file(path):
-            return read_dicom(path, frame)
-        from PIL import Image  # Pillow comes with transformers' vision extra; imported only for image files
+            return read_dicom(path, frame, self.limits)
+        with open(path, "rb") as handle:
+            return self._decode(handle, name=str(path))
 
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
-
-    def _decode(self, data: bytes):
-        """The bytes of an image file (PNG, JPEG, TIFF ...) -> PIL image."""
+    def _decode(self, data, name: str | None = None):
+        """The bytes of an image file (PNG, JPEG, TIFF ...) or an open file -> PIL image; its size is read from the
+        header and checked against the limits before the pixels are decoded."""
         import io
 
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
+        what = name or f"these image bytes ({len(data)} bytes)"
+        size = len(data) if isinstance(data, (bytes, bytearray)) else os.fstat(data.fileno()).st_size
+        self.limits.check("max_image_bytes", size, f"The size in bytes of {what}")
+        unreadable = (OSError, ValueError, SyntaxError, EOFError)  # UnidentifiedImageError is an OSError
         try:
-            with Image.open(io.BytesIO(data)) as opened:
+            opened = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+        except Image.DecompressionBombError as error:
+            raise InputTooLarge(f"{what}: {error}") from error
+        except unreadable as error:
+            raise ValueError(f"Cannot decode {what}: {error}") from error
+        with opened:
+            self._check_pil_size(opened, what)
+            try:
                 opened.load()
-                return opened.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"Cannot decode these image bytes ({len(data)} bytes): {error}") from error
+            except unreadable as error:
+                raise ValueError(f"Cannot decode {what}: {error}") from error
+            return opened.copy()
+
+    def _check_pil_size(self, image, what: str = "the image") -> None:
+        """A PIL image's size, known from its header, against the limits (before its pixels are decoded)."""
+        width, height = image.size
+        self.limits.check("max_image_pixels", width * height, f"The pixel count of {what} ({width}x{height})")
 
     def _as_channels_last(self, image) -> torch.Tensor:
         """PIL image, array or tensor -> [H, W, C]; HxW, HxWxC and CxHxW (C in 1, 3, 4) accepted."""
         if is_pil_image(image):
+            self._check_pil_size(image)
             return pil_to_tensor(image)
         if isinstance(image, torch.Tensor):
             tensor = image.detach().cpu()
@@ -227,6 +252,8 @@ class MedMoEImageProcessor(BaseImageProcessor):
         raise ValueError(f"Cannot read an image array of shape {tuple(tensor.shape)}; expected {ACCEPTED_INPUTS}.")
 
     def _check(self, values: torch.Tensor) -> None:
+        height, width = values.shape[:2]
+        self.limits.check("max_image_pixels", height * width, f"The image's pixel count ({width}x{height})")
         if values.numel() == 0 or min(values.shape[:2]) == 0:
             raise ValueError(f"Got an empty image of shape {tuple(values.shape)}; expected {ACCEPTED_INPUTS}.")
         if values.is_complex():

@@ -4,17 +4,45 @@
 `pipeline("zero-shot-image-classification", model=FOLDER_OR_HUB_ID, trust_remote_code=True)` builds it. Unlike
 transformers' generic pipeline it:
 - reads every input the MedMoE image processor reads, DICOM included (a file path, the file's bytes or a pydicom
-  Dataset), with `window=` (a CT preset or (centre, width)) and `frame=` per call; URLs are fetched as usual;
+  Dataset), with `window=` (a CT preset or (centre, width)) and `frame=` per call; a URL is fetched within the
+  image processor's limits (`timeout=` seconds, default `url_timeout_seconds`, for the whole download, and at most
+  `max_image_bytes`);
+- takes `candidate_labels` as a list or one comma-separated string, and checks labels and template against the
+  limits (`limits.py`) before any work;
 - scores with the model's own zero-shot methods (`zero_shot.py`): without `hypothesis_template`, each label
   through every default prompt template, averaged, exactly as the evaluation scores it.
 """
 
 from __future__ import annotations
 
-from transformers.image_utils import load_image
+import http.client
+import time
+import urllib.request
+
 from transformers.pipelines import ZeroShotImageClassificationPipeline
 
-from .zero_shot import DEFAULT_PROMPT_TEMPLATES, class_prompts
+from .limits import InputLimits
+from .zero_shot import zero_shot_request
+
+DOWNLOAD_CHUNK_BYTES = 1 << 16
+
+
+def fetch_url(url: str, limits: InputLimits, timeout: float | None = None) -> bytes:
+    """The body of `url`, within `timeout` seconds in all (default: the limits' url_timeout_seconds) and at most
+    max_image_bytes; ValueError says what went wrong."""
+    timeout = limits.url_timeout_seconds if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    body = bytearray()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # the timeout bounds connect and each read
+            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
+                body += chunk
+                limits.check("max_image_bytes", len(body), f"The download of {url} in bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the download took longer than {timeout} s")
+    except (OSError, http.client.HTTPException) as error:  # URLError, TimeoutError, socket errors are OSErrors
+        raise ValueError(f"Cannot fetch {url}: {type(error).__name__}: {error or 'no answer'}") from error
+    return bytes(body)
 
 
 class MedMoEZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
@@ -26,16 +54,12 @@ class MedMoEZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
     def preprocess(
         self, image, candidate_labels=None, hypothesis_template=None, timeout=None, window=None, frame=None
     ) -> dict:
+        limits = self.image_processor.limits
+        labels, templates = zero_shot_request(candidate_labels, hypothesis_template, limits)  # before any work
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            image = load_image(image, timeout=timeout)
-        templates = list(DEFAULT_PROMPT_TEMPLATES) if hypothesis_template is None else [hypothesis_template]
-        class_prompts(candidate_labels or [], templates)  # checks the labels and the templates before any work
+            image = fetch_url(image, limits, timeout)
         pixel_values = self.image_processor(images=[image], window=window, frame=frame)["pixel_values"]
-        return {
-            "pixel_values": pixel_values.to(self.model.dtype),
-            "candidate_labels": list(candidate_labels),
-            "templates": templates,
-        }
+        return {"pixel_values": pixel_values.to(self.model.dtype), "candidate_labels": labels, "templates": templates}
 
     def _forward(self, model_inputs: dict) -> dict:
         image_embeds = self.model.get_image_features(pixel_values=model_inputs["pixel_values"]).pooler_output

@@ -11,19 +11,54 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .limits import InputLimits
+
 # Each class name fills every template; the class embedding is the normalised mean of the prompts' embeddings.
 # The first is the one to give APIs that take a single template (the pipeline's hypothesis_template).
 DEFAULT_PROMPT_TEMPLATES = ("A medical image: {}.", "{}.", "A {} image.", "This is a {}.", "{} study.")
 
 
+def check_template(template) -> str:
+    """A prompt template must be plain text holding `{}` exactly once, where the class name goes (no other braces:
+    it is filled by replacing `{}`, never by `str.format`, so a template cannot ask for work or other fields)."""
+    if not isinstance(template, str):
+        raise ValueError(f"A prompt template must be a string; got {type(template).__name__}.")
+    if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+        raise ValueError(f"A prompt template is plain text with {{}} once where the class name goes; got {template!r}.")
+    return template
+
+
 def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Every template filled with every class name, class-major: [C * T] prompts."""
     for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"A prompt template needs {{}} where the class name goes; got {template!r}.")
+        check_template(template)
     if not class_names:
         raise ValueError("Zero-shot classification needs at least one class name.")
-    return [template.format(name) for name in class_names for template in templates]
+    return [template.replace("{}", name) for name in class_names for template in templates]
+
+
+def zero_shot_request(candidate_labels, hypothesis_template, limits: InputLimits) -> tuple[list[str], list[str]]:
+    """(labels, templates) of a zero-shot request, checked before any work: labels as a list of strings or one
+    comma-separated string; the template plain text with one {} (None: the default templates); counts and lengths
+    within `limits`."""
+    if isinstance(candidate_labels, str):
+        candidate_labels = [label.strip() for label in candidate_labels.split(",") if label.strip()]
+    if not isinstance(candidate_labels, (list, tuple)):
+        raise ValueError("candidate_labels must be a list of strings or one comma-separated string.")
+    limits.check("max_candidate_labels", len(candidate_labels), "The number of candidate labels")
+    labels = []
+    for label in candidate_labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"Every candidate label must be a non-empty string; got {label!r}.")
+        limits.check("max_label_characters", len(label), "A candidate label's length in characters")
+        labels.append(label.strip())
+    if not labels:
+        raise ValueError("Zero-shot classification needs at least one candidate label.")
+    if hypothesis_template is None:
+        return labels, list(DEFAULT_PROMPT_TEMPLATES)
+    check_template(hypothesis_template)
+    limits.check("max_template_characters", len(hypothesis_template), "The hypothesis template's length")
+    return labels, [hypothesis_template]
 
 
 @torch.no_grad()

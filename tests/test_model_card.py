@@ -170,9 +170,9 @@ def test_handler_embeddings(handler, card_folder, nano_config):
         ({"inputs": "not base64 at all!"}, "base64"),
         (
             {"inputs": base64.b64encode(b"not an image").decode(), "parameters": {"candidate_labels": ["a"]}},
-            "could not be decoded",
+            "Cannot decode these image bytes",
         ),
-        ({"inputs": b"", "parameters": {"candidate_labels": ["CT"]}}, "could not be decoded"),
+        ({"inputs": b"", "parameters": {"candidate_labels": ["CT"]}}, "Cannot decode these image bytes"),
         ({"inputs": 42, "parameters": {"candidate_labels": ["CT"]}}, "Unsupported image"),
         ({"inputs": png(Image.new("L", (8, 8)))}, "candidate_labels"),
         ({"inputs": png(Image.new("L", (8, 8))), "parameters": {"mode": "video"}}, "Unknown mode"),
