@@ -3,6 +3,7 @@ lives in (training/index.py builds it, training/search.py queries it).
 
     OUT/chunks/chunk-NNNNN.parquet   rows embedded so far, each chunk written atomically (kept for resuming)
     OUT/progress.json                source rows read so far and skipped rows by reason, written after each chunk
+    OUT/skipped.jsonl                every skipped row: {"id", "path", "reason", "detail"}, one per line
     OUT/dataset/                     the finished `datasets` dataset (save_to_disk): id, path, embedding, expert,
                                      expert_index, thumbnail, and the source's metadata columns
     OUT/embedding.faiss              its FAISS index on `embedding` (inner product = cosine similarity: the
@@ -12,9 +13,11 @@ lives in (training/index.py builds it, training/search.py queries it).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,32 +30,71 @@ from modeling_medmoe.dicom import is_dicom_file
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 INDEX_TYPES = ("flat", "ivf")
 FAISS_FILE = "embedding.faiss"
+SKIPPED_FILE = "skipped.jsonl"
 INFO_FILE = "index_info.json"
 
 
 @dataclass
 class ArchiveRow:
     """One image of the archive: `image` is anything the MedMoE image processor reads (a path, bytes, a PIL image,
-    a DICOM dataset); `path` is set when the image is a file that can be shown again later."""
+    a DICOM dataset); `path` is set when the image is a file that can be shown again later. `problem` names why an
+    entry of a folder cannot be read at all (it is skipped, counted and listed, never opened)."""
 
     id: str
     image: object
     path: str | None = None
     metadata: dict = field(default_factory=dict)
+    problem: str | None = None
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why a folder entry cannot be read as a file (None: a regular file, possibly through symlinks). Only
+    metadata is read: a FIFO, socket or device is never opened (a read could block forever)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return "dangling_symlink"
+    except OSError as error:
+        return "symlink_loop" if error.errno == errno.ELOOP else "unreadable_entry"
+    return None if stat.S_ISREG(status.st_mode) else "not_a_regular_file"
 
 
 def folder_rows(folder: str | Path) -> Iterator[ArchiveRow]:
     """Every image file under `folder` (nested; by suffix, or DICOM files without one), in sorted order; id = the
-    path relative to the folder, metadata `folder` = its sub-folder."""
+    path relative to the folder, metadata `folder` = its sub-folder. Entries with an image suffix or none that are
+    not readable regular files (dangling symlinks, symlink loops, FIFOs, unreadable folders) come as rows with a
+    `problem`."""
     root = Path(folder)
-    for directory, subdirectories, files in os.walk(root):
+    unreadable_folders: list[OSError] = []
+    for directory, subdirectories, files in os.walk(root, onerror=unreadable_folders.append):
+        while unreadable_folders:
+            error = unreadable_folders.pop()
+            yield problem_row(root, Path(error.filename), "unreadable_folder")
         subdirectories.sort()
         for name in sorted(files):
             path = Path(directory) / name
             suffix = path.suffix.lower()
-            if suffix in IMAGE_SUFFIXES or (not suffix and is_dicom_file(path)):
-                relative = path.relative_to(root)
-                yield ArchiveRow(str(relative), str(path), str(path.resolve()), {"folder": str(relative.parent)})
+            if suffix and suffix not in IMAGE_SUFFIXES:
+                continue
+            problem = entry_problem(path)
+            if problem is None and not suffix:
+                try:
+                    if not is_dicom_file(path):
+                        continue
+                except OSError:
+                    problem = "unreadable_file"
+            if problem is not None:
+                yield problem_row(root, path, problem)
+                continue
+            relative = path.relative_to(root)
+            yield ArchiveRow(str(relative), str(path), str(path.resolve()), {"folder": str(relative.parent)})
+    for error in unreadable_folders:
+        yield problem_row(root, Path(error.filename), "unreadable_folder")
+
+
+def problem_row(root: Path, path: Path, problem: str) -> ArchiveRow:
+    relative = path.relative_to(root)
+    return ArchiveRow(str(relative), None, str(path), {"folder": str(relative.parent)}, problem=problem)
 
 
 def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: str | None) -> Iterator[ArchiveRow]:
@@ -132,10 +174,14 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_json_atomically(path: Path, value) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: Path, value) -> None:
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def load_index(index_dir: Path) -> tuple[datasets.Dataset, dict]:

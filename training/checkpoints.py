@@ -1,4 +1,5 @@
-"""Training checkpoints: accelerate's save_state written atomically, the latest one found again, progress counters.
+"""Training checkpoints: accelerate's save_state written atomically, the newest one that loads found again, progress
+counters.
 
 Nothing is unpickled on resume: the model is safetensors, the progress counters JSON, and accelerate reads the
 optimizer, scheduler, scaler and RNG files with `torch.load(weights_only=True)` (its default; only objects
@@ -57,17 +58,41 @@ def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
     )
 
 
-def resolve_checkpoint(resume_from: str, checkpoints_dir: Path) -> Path:
-    """`latest` -> the newest complete checkpoint under `checkpoints_dir`; anything else is a path."""
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not path.is_dir():
+class NoLoadableCheckpoint(RuntimeError):
+    """--resume_from_checkpoint found no checkpoint that loads; the message names each one and why."""
+
+
+def remove_partial_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint writes that were cut short; returns them."""
+    partial = sorted(checkpoints_dir.glob(".tmp_step_*")) if checkpoints_dir.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def resume_checkpoint(accelerator, resume_from: str, checkpoints_dir: Path, progress: TrainingProgress) -> Path:
+    """Load the checkpoint `resume_from` names into the prepared objects and `progress`, and return it.
+
+    `latest`: the newest checkpoint under `checkpoints_dir` that loads; one that cannot be read (a truncated
+    file, a missing part) is skipped with its reason printed, and the next older one tried. Anything else is one
+    checkpoint folder, which must load."""
+    if resume_from == "latest":
+        candidates = [checkpoints_dir / f"step_{step}" for step in reversed(checkpoint_steps(checkpoints_dir))]
+        if not candidates:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {checkpoints_dir}.")
+    else:
+        candidates = [Path(resume_from)]
+        if not candidates[0].is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder.")
-        return path
-    steps = checkpoint_steps(checkpoints_dir)
-    if not steps:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {checkpoints_dir}.")
-    return checkpoints_dir / f"step_{steps[-1]}"
+    failures = []
+    for checkpoint in candidates:
+        try:
+            load_checkpoint(accelerator, checkpoint, progress)
+            return checkpoint
+        except Exception as error:  # safetensors, torch and json each raise their own kind on a damaged file
+            failures.append(f"{checkpoint}: {type(error).__name__}: {error}")
+            accelerator.print(f"Skipping checkpoint {failures[-1]}")
+    raise NoLoadableCheckpoint("No checkpoint could be loaded:\n" + "\n".join(failures))
 
 
 def save_checkpoint(accelerator, checkpoints_dir: Path, progress: TrainingProgress, keep: int) -> Path:
@@ -79,10 +104,15 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, progress: TrainingProgre
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (temporary / PROGRESS_FILE).write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
+    except OSError:  # a full disk, say: no partial folder stays behind, the earlier checkpoints are whole
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (temporary / PROGRESS_FILE).write_text(json.dumps(progress.state_dict(), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         if keep > 0:

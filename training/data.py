@@ -120,16 +120,23 @@ def _resolve_image_paths(row: dict, base: str) -> dict:
 
 
 def hub_or_folder_stream(name: str, split: str | None, wanted: str) -> datasets.IterableDataset:
-    """`load_dataset(name, streaming=True)` and pick `split` (or, for evaluation, the first eval-like split)."""
+    """`load_dataset(name, streaming=True)` and pick `split` (or, for evaluation, the first eval-like split). In a
+    local folder of jsonl/csv files, relative image paths are relative to the data file's folder (as with
+    --train_files)."""
     splits = datasets.load_dataset(name, streaming=True)
-    if split is not None:
-        if split not in splits:
-            raise ValueError(f"{name!r} has splits {sorted(splits)}; no {split!r}.")
-        return splits[split]
-    for candidate in EVAL_SPLIT_CANDIDATES if wanted == "eval" else ("train",):
-        if candidate in splits:
-            return splits[candidate]
-    raise ValueError(f"{name!r} has splits {sorted(splits)}; pass --{wanted}_split or --{wanted}_files.")
+    if split is None:
+        candidates = EVAL_SPLIT_CANDIDATES if wanted == "eval" else ("train",)
+        split = next((candidate for candidate in candidates if candidate in splits), None)
+        if split is None:
+            raise ValueError(f"{name!r} has splits {sorted(splits)}; pass --{wanted}_split or --{wanted}_files.")
+    if split not in splits:
+        raise ValueError(f"{name!r} has splits {sorted(splits)}; no {split!r}.")
+    stream = splits[split]
+    if os.path.isdir(name):
+        files = datasets.load_dataset_builder(name).config.data_files.get(split) or []
+        if files and FILE_BUILDERS.get(os.path.splitext(str(files[0]))[1].lower()) in ("json", "csv"):
+            stream = stream.map(_resolve_image_paths, fn_kwargs={"base": os.path.dirname(str(files[0]))})
+    return stream
 
 
 def load_stream(options: DataOptions, which: str) -> datasets.IterableDataset:
@@ -338,6 +345,47 @@ class BatchStream(torch.utils.data.IterableDataset):
         elif skipped or samples:
             skipped["incomplete_last_batch"] += len(samples)
             yield {"skipped": dict(skipped)}
+
+
+class NoUsableBatch(RuntimeError):
+    """A full pass over the training stream gave no batch to train on; the message gives the skip counts."""
+
+
+def batches_forever(loader: torch.utils.data.DataLoader, progress) -> Iterator[dict]:
+    """Batches of a training loader (`build_loader(training=True)`), epoch after epoch, each epoch a new shuffle.
+
+    `progress` has `epoch` and `batches_in_epoch` (a `TrainingProgress`): after a resume the batches the run had
+    already used are passed over. Batches without pixels carry only skip counts (`batch["skipped"]`). A pass that
+    gives no usable batch raises `NoUsableBatch` with the rows skipped by reason, instead of reading the stream
+    again forever."""
+    batch_size = loader.dataset.batch_size
+    while True:
+        loader.dataset.stream.set_epoch(progress.epoch)
+        already_used, usable, skipped = progress.batches_in_epoch, 0, Counter()
+        for index, batch in enumerate(loader):
+            usable += "pixel_values" in batch
+            skipped.update(batch["skipped"])
+            if index < already_used:
+                continue
+            progress.batches_in_epoch += 1
+            yield batch
+        if usable == 0:
+            raise NoUsableBatch(no_usable_batch_message(skipped, batch_size))
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+def no_usable_batch_message(skipped: Counter, batch_size: int) -> str:
+    counts = ", ".join(f"{reason} {count}" for reason, count in skipped.most_common()) or "none (the stream is empty)"
+    message = f"The training stream gave no usable batch of {batch_size} in a full pass; rows skipped: {counts}."
+    if skipped.get("incomplete_last_batch"):
+        message += (
+            f" The {skipped['incomplete_last_batch']} usable row(s) make less than one batch per process (every "
+            "process trains on full batches): lower --per_device_train_batch_size or add rows."
+        )
+    if set(skipped) - {"incomplete_last_batch"}:
+        message += " Other rows could not be used: check the data flags (columns, image paths) and the data."
+    return message
 
 
 def prepare_stream(

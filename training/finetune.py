@@ -27,6 +27,7 @@ from transformers import AutoProcessor, get_scheduler
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 from training import data as data_module
 from training.accelerator import accelerator_for_this_machine
+from training.checkpoints import TrainingProgress
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing
 from training.loop import build_optimizer, contrastive_forward, train_step
 from training.metrics import classification_results
@@ -186,32 +187,29 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     forward = task_forward(args, classes, accelerator.device)
-    losses, step, epoch, skipped_steps = [], 0, 0, 0
+    losses, step, skipped_steps = [], 0, 0
     cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
     bar = tqdm(total=args.max_steps, desc=f"fine-tuning ({args.task})", disable=not accelerator.is_main_process)
     model.train()
-    while step < args.max_steps:
-        train_loader.dataset.stream.set_epoch(epoch)
-        for batch in train_loader:
-            if "pixel_values" not in batch:
-                continue
-            out, cycle_finite = train_step(
-                accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
-            )
-            if not accelerator.sync_gradients:
-                continue
-            if not cycle_finite:
-                skipped_steps += 1
-                cycle_finite = True
-                bar.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped_steps} so far)")
-                continue
-            losses.append(accelerator.reduce(out.loss.detach(), reduction="mean").item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if step >= args.max_steps:
-                break
-        epoch += 1
+    for batch in data_module.batches_forever(train_loader, TrainingProgress()):
+        if "pixel_values" not in batch:
+            continue
+        out, cycle_finite = train_step(
+            accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
+        )
+        if not accelerator.sync_gradients:
+            continue
+        if not cycle_finite:
+            skipped_steps += 1
+            cycle_finite = True
+            bar.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped_steps} so far)")
+            continue
+        losses.append(accelerator.reduce(out.loss.detach(), reduction="mean").item())
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step >= args.max_steps:
+            break
     bar.close()
 
     summary = {}

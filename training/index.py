@@ -6,15 +6,17 @@
 
 A folder is read recursively (PNG, JPEG, TIFF, BMP, DICOM with or without the .dcm suffix); files and datasets
 stream. Images go through the model in batches (progress bar); each chunk of rows is written to OUT/chunks as it is
-finished, so an interrupted run started again with the same command resumes after the last chunk. Files that
-cannot be read or decoded are skipped and counted by reason. The result is a `datasets` dataset on disk (id, path,
-embedding, chosen expert, a thumbnail unless --thumbnail_size 0, the source's metadata columns) with a FAISS index
-(training/archive.py describes the folder); search it with medmoe-search.
+finished, so an interrupted run started again with the same command resumes after the last chunk. Entries that
+cannot be read or decoded (broken symlinks, special files, undecodable or oversized images) are skipped, counted by
+reason and listed with their paths in OUT/skipped.jsonl; special files are never opened. The result is a `datasets`
+dataset on disk (id, path, embedding, chosen expert, a thumbnail unless --thumbnail_size 0, the source's metadata
+columns) with a FAISS index (training/archive.py describes the folder); search it with medmoe-search.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -29,6 +31,7 @@ from transformers import AutoModel
 
 from modeling_medmoe import MedMoEImageProcessor
 from modeling_medmoe.dicom import is_dicom
+from modeling_medmoe.limits import InputTooLarge
 from training import archive
 from training import data as data_module
 
@@ -93,22 +96,30 @@ def open_source(args: argparse.Namespace):
 
 
 class ChunkWriter:
-    """Collects embedded rows and writes them to OUT/chunks in chunks of `chunk_size`, updating the progress file
-    after each one, so that a restart loses at most the rows of an unfinished chunk."""
+    """Collects embedded rows and writes them to OUT/chunks in chunks of `chunk_size`, with the skipped rows appended
+    to OUT/skipped.jsonl, updating the progress file after each one, so that a restart loses at most the rows of an
+    unfinished chunk (and lists no skipped row twice)."""
 
     def __init__(self, output_dir: Path, features: datasets.Features, progress: dict, chunk_size: int):
         self.chunks_dir = output_dir / "chunks"
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.progress_path = output_dir / "progress.json"
+        self.skipped_path = output_dir / archive.SKIPPED_FILE
         self.features, self.progress, self.chunk_size = features, progress, chunk_size
         self.records: list[dict] = []
         self.rows_read_since_chunk = 0
-        self.skipped_since_chunk: Counter = Counter()
+        self.skipped_since_chunk: list[dict] = []
+        self.keep_listed_skips(progress.setdefault("skipped_listed", 0))
 
-    def add(self, records: list[dict], rows_read: int, skipped: Counter) -> None:
+    def keep_listed_skips(self, count: int) -> None:
+        """The skipped-rows list as the progress file knows it (lines of an unfinished chunk dropped)."""
+        lines = self.skipped_path.read_text().splitlines(keepends=True) if self.skipped_path.is_file() else []
+        archive.write_text_atomically(self.skipped_path, "".join(lines[:count]))
+
+    def add(self, records: list[dict], rows_read: int, skipped: list[dict]) -> None:
         self.records.extend(records)
         self.rows_read_since_chunk += rows_read
-        self.skipped_since_chunk += skipped
+        self.skipped_since_chunk.extend(skipped)
         if len(self.records) >= self.chunk_size:
             self.flush()
 
@@ -121,10 +132,14 @@ class ChunkWriter:
             datasets.Dataset.from_list(self.records, features=self.features).to_parquet(str(temporary))
             temporary.replace(path)
             self.progress["chunks"] += 1
+        with self.skipped_path.open("a") as listing:
+            listing.writelines(json.dumps(entry) + "\n" for entry in self.skipped_since_chunk)
+        reasons = Counter(entry["reason"] for entry in self.skipped_since_chunk)
         self.progress["rows_read"] += self.rows_read_since_chunk
-        self.progress["skipped"] = dict(Counter(self.progress["skipped"]) + self.skipped_since_chunk)
+        self.progress["skipped"] = dict(Counter(self.progress["skipped"]) + reasons)
+        self.progress["skipped_listed"] += len(self.skipped_since_chunk)
         archive.write_json_atomically(self.progress_path, self.progress)
-        self.records, self.rows_read_since_chunk, self.skipped_since_chunk = [], 0, Counter()
+        self.records, self.rows_read_since_chunk, self.skipped_since_chunk = [], 0, []
 
 
 def embed_archive(args, model, image_processor, rows, writer: ChunkWriter, skip: int) -> None:
@@ -149,16 +164,22 @@ def embed_archive(args, model, image_processor, rows, writer: ChunkWriter, skip:
 
 
 def embed_batch(rows, model, image_processor, args, writer: ChunkWriter, expert_names) -> None:
-    """Prepare each row (skipping and counting the unreadable ones), embed the rest, give them to the writer."""
-    pixels, kept, thumbnails, skipped = [], [], [], Counter()
+    """Prepare each row (skipping, counting and listing the unreadable ones), embed the rest, give them to the
+    writer."""
+    pixels, kept, thumbnails, skipped = [], [], [], []
     for row in rows:
-        try:
-            unit = image_processor.to_display(row.image, window=args.window)  # decoded and windowed once
-        except FileNotFoundError:
-            skipped["missing_file"] += 1
-            continue
-        except (ValueError, OSError):
-            skipped["undecodable_dicom" if is_dicom(row.image) else "undecodable_image"] += 1
+        reason, detail = row.problem, ""
+        if reason is None:
+            try:
+                unit = image_processor.to_display(row.image, window=args.window)  # decoded and windowed once
+            except FileNotFoundError as error:
+                reason, detail = "missing_file", str(error)
+            except InputTooLarge as error:
+                reason, detail = "too_large", str(error)
+            except (ValueError, OSError, TypeError) as error:
+                reason, detail = "undecodable_dicom" if is_dicom(row.image) else "undecodable_image", str(error)
+        if reason is not None:
+            skipped.append({"id": row.id, "path": row.path, "reason": reason, "detail": detail})
             continue
         pixels.append(image_processor.unit_to_model_input(unit))
         kept.append(row)
@@ -186,7 +207,7 @@ def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, fl
     index took to build."""
     chunks = sorted(str(path) for path in (output_dir / "chunks").glob("chunk-*.parquet"))
     if not chunks:
-        raise ValueError("No image could be embedded; see the skipped rows in progress.json.")
+        raise ValueError(f"No image could be embedded; the skipped rows and why: {output_dir / archive.SKIPPED_FILE}.")
     dataset = datasets.Dataset.from_parquet(chunks)
     dataset_dir = output_dir / "dataset"
     if dataset_dir.exists():
@@ -260,6 +281,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         "rows": len(dataset),
         "rows_read": progress["rows_read"],
         "skipped": progress["skipped"],
+        "skipped_list": archive.SKIPPED_FILE,
         "dimension": model.config.projection_dim,
         "index": args.index,
         "expert_names": list(model.config.expert_names),
@@ -270,6 +292,8 @@ def index_archive(args: argparse.Namespace) -> dict:
     archive.write_json_atomically(args.output_dir / archive.INFO_FILE, info)
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(progress["skipped"].items())) or "none"
     print(f"Indexed {len(dataset)} images ({args.index} index); skipped: {skipped}.")
+    if progress["skipped"]:
+        print(f"Skipped rows, each with its path and reason: {args.output_dir / archive.SKIPPED_FILE}")
     print(
         f"Index: {args.output_dir} (dataset/, {archive.FAISS_FILE}, {archive.INFO_FILE}); search it with medmoe-search."
     )

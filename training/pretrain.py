@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,14 @@ from model_card.generate import write_model_card
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
 from training import data as data_module
 from training.accelerator import accelerator_for_this_machine
-from training.checkpoints import TrainingProgress, load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.checkpoints import (
+    NoLoadableCheckpoint,
+    TrainingProgress,
+    checkpoint_steps,
+    remove_partial_checkpoints,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing, public_dataset_name
 from training.hub import UploadFailed, push_folder
 from training.loop import build_optimizer, contrastive_forward, train_step
@@ -288,24 +296,6 @@ class TrainingDeadline:
         return bool(broadcast(flag, from_process=0).item())
 
 
-def batches_forever(dataloader, progress: TrainingProgress, accelerator):
-    """Yield training batches epoch after epoch (each a new shuffle); after a resume, skip the batches the run had
-    already used."""
-    while True:
-        dataloader.dataset.stream.set_epoch(progress.epoch)
-        skip = progress.batches_in_epoch
-        for index, batch in enumerate(dataloader):
-            if index < skip:
-                continue
-            progress.batches_in_epoch += 1
-            yield batch
-        if progress.batches_in_epoch == 0:
-            raise RuntimeError("The training stream gave no usable batch; check the data flags.")
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
-        accelerator.print(f"epoch {progress.epoch} begins (the stream was read once more)")
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Pretraining, step by step: accelerator, output folder, data, tokenizer, model, loaders, optimizer and
     schedule, resume, the loop, then save and upload."""
@@ -423,13 +413,32 @@ def build_optimizer_and_schedule(args, accelerator, model):
 
 def resume_or_start(args, accelerator) -> TrainingProgress:
     """The progress of the checkpoint named by --resume_from_checkpoint (model, optimizer, schedule, RNG and
-    stream position restored), or a fresh start."""
+    stream position restored; `latest` falls back to the newest checkpoint that loads), or a fresh start. Partial
+    checkpoint writes of an earlier run are removed, and its log keeps the steps up to the checkpoint."""
     progress = TrainingProgress()
+    checkpoints_dir = args.output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        for partial in remove_partial_checkpoints(checkpoints_dir):
+            print(f"Removed {partial} (a checkpoint write that was cut short).")
+    accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir / "checkpoints")
-        load_checkpoint(accelerator, checkpoint, progress)
+        checkpoint = resume_checkpoint(accelerator, args.resume_from_checkpoint, checkpoints_dir, progress)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step} (epoch {progress.epoch}).")
+        if accelerator.is_main_process:
+            keep_logged_steps_up_to(args.output_dir / "train_log.jsonl", progress.step)
     return progress
+
+
+def keep_logged_steps_up_to(log_file: Path, step: int) -> None:
+    """Drop the log lines of steps after `step` (logged before the run stopped, trained again after the resume),
+    so that the log has each step once."""
+    if not log_file.is_file():
+        return
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    temporary = log_file.with_suffix(".tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(temporary, log_file)
 
 
 def start_trackers(args, accelerator) -> dict:
@@ -464,7 +473,7 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
     bar = tqdm(total=args.max_steps, initial=progress.step, desc="pretraining", disable=not accelerator.is_main_process)
     meter = ThroughputMeter()
     cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
-    data = batches_forever(train_loader, progress, accelerator)
+    data = data_module.batches_forever(train_loader, progress)
     forward = functools.partial(contrastive_forward, device=accelerator.device)
     deadline = TrainingDeadline(args.max_train_minutes, accelerator)
     model.train()
@@ -526,8 +535,6 @@ def finish(args, model, state_dict, processor, evaluations, progress, run_config
     """Save the model folder (--output_dir itself) and its card, print the quality figures and the skipped rows,
     write the run summary, upload if asked."""
     output_dir = args.output_dir
-    model.save_pretrained(output_dir, state_dict=state_dict)
-    processor.save_pretrained(output_dir)
     final = {key: value for key, value in (evaluations[-1] if evaluations else {}).items() if key != "step"}
     train_facts = {
         **public_run_config(run_config),
@@ -536,11 +543,17 @@ def finish(args, model, state_dict, processor, evaluations, progress, run_config
         "train_minutes": round(train_seconds / 60, 1),
         "stopped_by": "max_steps" if progress.step >= args.max_steps else "max_train_minutes",
     }
-    (output_dir / "args.json").write_text(json.dumps(train_facts, indent=2) + "\n")
-    (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2) + "\n")
-    write_model_card(
-        output_dir, final, train_facts, repo_id=args.hub_model_id or str(output_dir), model_name=output_dir.name
-    )
+
+    def write_model_folder(folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=state_dict)
+        processor.save_pretrained(folder)
+        (folder / "args.json").write_text(json.dumps(train_facts, indent=2) + "\n")
+        (folder / "eval_results.json").write_text(json.dumps(final, indent=2) + "\n")
+        write_model_card(
+            folder, final, train_facts, repo_id=args.hub_model_id or str(output_dir), model_name=output_dir.name
+        )
+
+    write_into_place(output_dir, write_model_folder, progress.step)
 
     if final:
         print_held_out_summary(final)
@@ -573,6 +586,41 @@ def finish(args, model, state_dict, processor, evaluations, progress, run_config
     return summary
 
 
+class ModelFolderNotSaved(RuntimeError):
+    """The final model folder could not be written (a full disk, say); the message names it."""
+
+
+MODEL_STAGING = ".tmp_model"
+
+
+def write_into_place(output_dir: Path, write: Callable[[Path], None], step: int) -> None:
+    """`write(folder)` writes the model files into OUTPUT_DIR/.tmp_model; only when all are written are they renamed
+    into OUTPUT_DIR (renames need no space), so a failed write leaves an earlier model there whole."""
+    staging = output_dir / MODEL_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        write(staging)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoints = checkpoint_steps(output_dir / "checkpoints")
+        keep = (
+            f"the checkpoint of step {checkpoints[-1]} holds the training state (free space, then rerun with "
+            "--resume_from_checkpoint latest)"
+            if checkpoints
+            else f"no checkpoint holds the {step} trained steps (pass --checkpointing_steps to keep them next time)"
+        )
+        raise ModelFolderNotSaved(
+            f"Could not write the model folder {output_dir}: {error}. Any model already there is as it was; {keep}."
+        ) from error
+    for entry in sorted(staging.iterdir()):
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
 def print_held_out_summary(results: dict) -> None:
     """Routing purity and image->text R@5 against chance, from `evaluation` results."""
     metrics, retrieval, routing = results["metrics"], results["details"]["retrieval"], results["details"]["routing"]
@@ -602,7 +650,14 @@ def public_run_config(run_config: dict) -> dict:
 if __name__ == "__main__":
     try:
         run_summary = main()
-    except (PretrainedWeightsUnavailable, FileNotFoundError, OutputDirNotEmpty) as error:
+    except (
+        PretrainedWeightsUnavailable,
+        FileNotFoundError,
+        OutputDirNotEmpty,
+        data_module.NoUsableBatch,
+        NoLoadableCheckpoint,
+        ModelFolderNotSaved,
+    ) as error:
         sys.exit(f"error: {error}")
     if "hub_upload_error" in run_summary:
         sys.exit(1)

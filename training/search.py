@@ -24,13 +24,25 @@ from modeling_medmoe import MedMoEImageProcessor
 from training import archive
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def printable(text) -> str:
+    """`text` on one terminal line: control characters (a newline in a file name) shown as escapes."""
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in str(text))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", required=True, type=Path, help="the folder medmoe-index wrote")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="a text query (a report-like sentence works best)")
     query.add_argument("--image", help="an example image or DICOM file")
-    parser.add_argument("--k", type=int, default=10, help="how many rows to return")
+    parser.add_argument("--k", type=positive_int, default=10, help="how many rows to return")
     parser.add_argument("--expert", help="only images routed to this expert (one of the model's expert names)")
     parser.add_argument("--window", help="DICOM window of the query image: a CT preset or C,W")
     parser.add_argument("--contact_sheet", type=Path, help="write a PNG grid of the hits here")
@@ -54,6 +66,8 @@ class ArchiveSearch:
                              f"{self.info['dimension']}.")  # fmt: skip
 
     def text_query(self, text: str) -> torch.Tensor:
+        if not text.strip():
+            raise ValueError("The text query is empty; describe the images to find.")
         return archive.embed_query_text(self.model, self.tokenizer, text)
 
     def image_query(self, image, window=None) -> torch.Tensor:
@@ -121,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     try:
-        query = searcher.text_query(args.text) if args.text else searcher.image_query(args.image, args.window)
+        if args.text is not None:
+            query = searcher.text_query(args.text)
+        else:
+            query = searcher.image_query(args.image, args.window)
         hits = searcher.search(query, args.k, args.expert)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
@@ -130,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(shown, indent=2))
     else:
         for hit in shown:
-            print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {hit['id']}  {hit.get('path') or ''}")
+            path = printable(hit.get("path") or "")
+            print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {printable(hit['id'])}  {path}")
     if args.contact_sheet:
         contact_sheet(hits, args.contact_sheet)
         print(f"Contact sheet: {args.contact_sheet}")
