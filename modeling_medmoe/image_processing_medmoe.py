@@ -149,6 +149,8 @@ class MedMoEImageProcessor(BaseImageProcessor):
                 raise ValueError(f"Got an empty list of images; expected {ACCEPTED_INPUTS}.")
             return list(images)
         if getattr(images, "ndim", None) == 4:
+            if len(images) == 0:
+                raise ValueError(f"Got an empty batch of images; expected {ACCEPTED_INPUTS}.")
             return list(images)
         return [images]
 
@@ -209,8 +211,11 @@ class MedMoEImageProcessor(BaseImageProcessor):
         unreadable = (OSError, ValueError, SyntaxError, EOFError)  # UnidentifiedImageError is an OSError
         try:
             opened = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-        except Image.DecompressionBombError as error:
-            raise InputTooLarge(f"{what}: {error}") from error
+        except Image.DecompressionBombError as error:  # Pillow's own guard, far above ours
+            limit = self.limits.max_image_pixels
+            raise InputTooLarge(
+                f"The pixel count of {what} is above the limit max_image_pixels={limit:,} (Pillow: {error})"
+            ) from error
         except unreadable as error:
             raise ValueError(f"Cannot decode {what}: {error}") from error
         with opened:

@@ -77,3 +77,14 @@ def nano_folder(tmp_path_factory, nano_config, processor):
     MedMoEModel(nano_config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def handler_folder(tmp_path_factory, nano_folder):
+    """The nano folder with the endpoint handler beside it, as a release folder carries it."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("release_model") / "nano"
+    shutil.copytree(nano_folder, folder)
+    shutil.copyfile("model_card/handler.py", folder / "handler.py")
+    return folder

@@ -2,7 +2,6 @@
 pydicom's bundled real files; an undecodable DICOM gets the same clear error everywhere."""
 
 import base64
-import shutil
 from collections import Counter
 
 import pytest
@@ -27,12 +26,8 @@ def bundled(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, nano_folder):
-    """The nano folder with the endpoint handler beside it, as a release folder carries it."""
-    folder = tmp_path_factory.mktemp("dicom_model") / "nano"
-    shutil.copytree(nano_folder, folder)
-    shutil.copyfile("model_card/handler.py", folder / "handler.py")
-    return folder
+def folder(handler_folder):
+    return handler_folder
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from benchmarks.hostile_inputs import png_bytes
 from modeling_medmoe import MedMoEConfig
 
 from .helpers import load_in_fresh_process
@@ -402,3 +403,44 @@ def test_config_overrides_reach_the_sub_configs_and_refuse_unknown_keys():
             apply_config_overrides(MedMoEConfig.from_preset("small"), bad)
     with pytest.raises(SystemExit):  # argparse's error, before any work
         parse_args(["--preset", "small", "--config_overrides", "text_config.hidden_size=wide"])
+
+
+def test_a_folder_dataset_with_relative_jsonl_image_paths_trains(tmp_path):
+    folder = tmp_path / "dataset"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(12):
+        (folder / "images" / f"{index}.png").write_bytes(png_bytes(seed=index))
+        rows.append({"image": f"images/{index}.png", "text": f"Axial CT of the abdomen, study {index}."})
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output_dir = tmp_path / "out"
+    completed = run_script(["--dataset_name", str(folder), "--max_steps", "2", "--output_dir", str(output_dir),
+                            *FAST, "--tokenizer_training_rows", "12"], timeout=300)  # fmt: skip
+    assert json.loads((output_dir / "run_summary.json").read_text())["steps"] == 2, completed.stdout
+
+
+def test_resume_latest_falls_back_past_a_damaged_checkpoint(short_run, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(short_run[0], output_dir)
+    newest = output_dir / "checkpoints" / "step_6" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    (output_dir / "checkpoints" / ".tmp_step_9").mkdir()  # a write cut short
+    completed = run_script(["--max_steps", "6", "--checkpointing_steps", "3", "--output_dir", str(output_dir),
+                            "--resume_from_checkpoint", "latest", *FAST])  # fmt: skip
+    assert "Skipping checkpoint" in completed.stdout + completed.stderr and "step_6" in completed.stdout
+    assert "Resumed from" in completed.stdout and "step_3 at step 3" in completed.stdout
+    assert not (output_dir / "checkpoints" / ".tmp_step_9").exists()
+    logged = [json.loads(line)["step"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) == [1, 2, 3, 4, 5, 6]
+    assert losses(output_dir) == pytest.approx(losses(short_run[0]), abs=1e-5)
+
+
+def test_a_resume_with_no_loadable_checkpoint_names_each(short_run, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(short_run[0], output_dir)
+    for step in (3, 6):
+        (output_dir / "checkpoints" / f"step_{step}" / "model.safetensors").write_bytes(b"")
+    completed = run_script(["--max_steps", "6", "--output_dir", str(output_dir), "--resume_from_checkpoint",
+                            "latest", *FAST], check=False)  # fmt: skip
+    assert completed.returncode != 0 and "No checkpoint could be loaded" in completed.stderr
+    assert "step_6" in completed.stderr and "step_3" in completed.stderr and "Traceback" not in completed.stderr

@@ -24,6 +24,7 @@ from PIL import Image
 
 from modeling_medmoe import MedMoEProcessor
 from modeling_medmoe.dicom import DicomPixels, is_dicom, read_dicom
+from modeling_medmoe.limits import InputLimits, InputTooLarge
 from modeling_medmoe.report_types import report_type_index, type_name_to_index
 
 from .synthetic import EVAL_SEED, TRAIN_SEED, synthetic_stream
@@ -119,6 +120,10 @@ def _resolve_image_paths(row: dict, base: str) -> dict:
     return row
 
 
+class NoSuchSplit(ValueError):
+    """The dataset has no split of the kind asked for (and none was named)."""
+
+
 def hub_or_folder_stream(name: str, split: str | None, wanted: str) -> datasets.IterableDataset:
     """`load_dataset(name, streaming=True)` and pick `split` (or, for evaluation, the first eval-like split). In a
     local folder of jsonl/csv files, relative image paths are relative to the data file's folder (as with
@@ -128,7 +133,7 @@ def hub_or_folder_stream(name: str, split: str | None, wanted: str) -> datasets.
         candidates = EVAL_SPLIT_CANDIDATES if wanted == "eval" else ("train",)
         split = next((candidate for candidate in candidates if candidate in splits), None)
         if split is None:
-            raise ValueError(f"{name!r} has splits {sorted(splits)}; pass --{wanted}_split or --{wanted}_files.")
+            raise NoSuchSplit(f"{name!r} has splits {sorted(splits)}; pass --{wanted}_split or --{wanted}_files.")
     if split not in splits:
         raise ValueError(f"{name!r} has splits {sorted(splits)}; no {split!r}.")
     stream = splits[split]
@@ -206,8 +211,8 @@ class RowPreparer:
     text_column: str
     report_type_column: str | None = None
     metadata_columns: tuple[str, ...] = ()
-    max_report_characters: int = 20_000
-    max_image_pixels: int = 64_000_000
+    max_report_characters: int = InputLimits.max_text_characters
+    max_image_pixels: int = InputLimits.max_image_pixels
 
     def __call__(self, row: dict) -> dict:
         text = self.read_text(row)
@@ -268,15 +273,14 @@ class RowPreparer:
         return image
 
     def read_dicom(self, value: bytes | str) -> DicomPixels:
-        """A DICOM cell (the file's bytes or path) -> its pixels, or SkipRow with the reader's reason."""
+        """A DICOM cell (the file's bytes or path) -> its pixels, or SkipRow with the reader's reason (the size is
+        checked from the header)."""
         try:
-            pixels = read_dicom(value)
+            return read_dicom(value, limits=InputLimits(max_image_pixels=self.max_image_pixels))
+        except InputTooLarge as error:  # the header's frame size or frame count, before decoding
+            raise SkipRow("too_many_pixels", str(error)) from error
         except ValueError as error:
             raise SkipRow("undecodable_dicom", str(error)) from error
-        height, width = pixels.values.shape[:2]
-        if width * height > self.max_image_pixels:
-            raise SkipRow("too_many_pixels", f"{width}x{height}")
-        return pixels
 
 
 @dataclass
@@ -489,7 +493,8 @@ def script_loaders(args, accelerator, processor, train_stream, image_column: str
                    metadata_columns: tuple[str, ...] = ()):  # fmt: skip
     """(train loader, held-out loader) for a training script with the data flags (`add_data_arguments`) and
     --per_device_{train,eval}_batch_size, --max_length, --seed, --max_eval_samples: this process's shuffled part of
-    the train stream; the first --max_eval_samples eval rows, or None for --train_files without --eval_files."""
+    the train stream; the first --max_eval_samples eval rows, or None for --train_files without --eval_files and
+    for a dataset without an eval-like split."""
     shared = {
         "image_column": image_column,
         "text_column": text_column,
@@ -513,7 +518,11 @@ def script_loaders(args, accelerator, processor, train_stream, image_column: str
     )
     if args.train_files and not args.eval_files:
         return train_loader, None
-    eval_stream = load_stream(DataOptions.from_args(args), "eval")
+    try:
+        eval_stream = load_stream(DataOptions.from_args(args), "eval")
+    except NoSuchSplit as missing:
+        accelerator.print(f"No held-out evaluation: {missing}")
+        return train_loader, None
     eval_loader = build_loader(
         eval_stream, processor, batch_size=args.per_device_eval_batch_size, training=False,
         max_rows=args.max_eval_samples, **shared,
