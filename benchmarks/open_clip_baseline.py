@@ -22,13 +22,11 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
 
@@ -41,8 +39,9 @@ from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
 from training import data as data_module  # noqa: E402
 from training import run_evaluation as evaluation_module  # noqa: E402
 from training.accelerator import accelerator_for_this_machine  # noqa: E402
+from training.checkpoints import TrainingProgress  # noqa: E402
 from training.embedding import model_inputs  # noqa: E402
-from training.loop import build_optimizer, train_step  # noqa: E402
+from training.loop import LoopSchedule, build_optimizer, run_training  # noqa: E402
 
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -165,43 +164,38 @@ def train(args, model, processor, tokenizer) -> dict:
 
     log_path = args.output_dir / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
-    start = time.monotonic()
-    deadline = start + 60 * args.max_train_minutes if args.max_train_minutes else math.inf
-    step, epoch, images, window_images, window_start = 0, 0, 0, 0, time.monotonic()
-    skipped_steps, cycle_finite = 0, True
-    bar = tqdm(total=args.max_steps, desc="open_clip pretraining")
-    model.train()
-    while step < args.max_steps and time.monotonic() < deadline:
-        loader.dataset.stream.set_epoch(epoch)
-        for batch in loader:
-            if "pixel_values" not in batch:
-                continue
-            out, cycle_finite = train_step(
-                accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
-            )
-            if not cycle_finite:
-                skipped_steps, cycle_finite = skipped_steps + 1, True
-                continue
-            loss = out.loss.detach()
-            with torch.no_grad():  # open_clip's training clamps the temperature at 100
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            images += len(batch["texts"])
-            window_images += len(batch["texts"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % args.logging_steps == 0:
-                now = time.monotonic()
-                record = {"step": step, "loss": loss.item(), "images_per_s": window_images / (now - window_start)}
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                window_images, window_start = 0, now
-            if step >= args.max_steps or time.monotonic() >= deadline:
-                break
-        epoch += 1
-    bar.close()
-    train_seconds = round(time.monotonic() - start, 1)
-    return {"steps": step, "images_seen": images, "train_seconds": train_seconds, "skipped_steps": skipped_steps}
+
+    def clamp_temperature(step, out, bar):
+        with torch.no_grad():  # open_clip's training clamps the temperature at 100
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+
+    def log(step, out, meter, bar):
+        record = {"step": step, "loss": out.loss.item(), "images_per_s": meter.images_per_second()}
+        with log_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    progress = TrainingProgress()
+    train_seconds = run_training(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        forward,
+        LoopSchedule(args.max_steps, args.max_train_minutes, args.logging_steps),
+        progress,
+        max_grad_norm=args.max_grad_norm,
+        description="open_clip pretraining",
+        after_step=clamp_temperature,
+        log=log,
+    )
+    return {
+        "steps": progress.step,
+        "images_seen": progress.images_seen,
+        "train_seconds": round(train_seconds, 1),
+        "skipped_steps": progress.skipped_steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

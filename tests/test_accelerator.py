@@ -1,5 +1,5 @@
 """CPU training under `accelerate launch` uses the machine's cores (training/accelerator.py), and the training
-images/s leave held-out evaluation and checkpointing out (training/pretrain.py's ThroughputMeter)."""
+images/s leave held-out evaluation and checkpointing out (training/loop.py's ThroughputMeter)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import torch
 
 from training import accelerator as accelerator_module
 from training.accelerator import cpu_threads_per_process, use_idle_cores_on_cpu
-from training.pretrain import ThroughputMeter
+from training.loop import ThroughputMeter
 
 ROOT = Path(__file__).resolve().parents[1]
 

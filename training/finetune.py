@@ -29,7 +29,7 @@ from training import data as data_module
 from training.accelerator import accelerator_for_this_machine
 from training.checkpoints import TrainingProgress
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing
-from training.loop import build_optimizer, contrastive_forward, train_step
+from training.loop import LoopSchedule, build_optimizer, contrastive_forward, run_training
 from training.metrics import classification_results
 
 # Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
@@ -187,30 +187,25 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     forward = task_forward(args, classes, accelerator.device)
-    losses, step, skipped_steps = [], 0, 0
-    cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
-    bar = tqdm(total=args.max_steps, desc=f"fine-tuning ({args.task})", disable=not accelerator.is_main_process)
-    model.train()
-    for batch in data_module.batches_forever(train_loader, TrainingProgress()):
-        if "pixel_values" not in batch:
-            continue
-        out, cycle_finite = train_step(
-            accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
-        )
-        if not accelerator.sync_gradients:
-            continue
-        if not cycle_finite:
-            skipped_steps += 1
-            cycle_finite = True
-            bar.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped_steps} so far)")
-            continue
+    losses, progress = [], TrainingProgress()
+
+    def log(step, out, meter, bar):
         losses.append(accelerator.reduce(out.loss.detach(), reduction="mean").item())
-        step += 1
-        bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step >= args.max_steps:
-            break
-    bar.close()
+
+    run_training(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        forward,
+        LoopSchedule(args.max_steps),
+        progress,
+        max_grad_norm=args.max_grad_norm,
+        description=f"fine-tuning ({args.task})",
+        log=log,
+    )
 
     summary = {}
     if accelerator.is_main_process:
@@ -222,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             metrics = evaluate_classifier(unwrapped, eval_loader, accelerator.device, args.label_column, classes)
         else:
             metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device, args)
-        summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total, skipped_steps)
+        summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total, progress.skipped_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

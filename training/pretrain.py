@@ -13,21 +13,16 @@ silently: resume it (--resume_from_checkpoint latest) or pass --overwrite_output
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
 import shutil
 import sys
-import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import broadcast, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import set_seed
 from transformers import PreTrainedConfig, get_scheduler
 
 from model_card.generate import write_model_card
@@ -44,8 +39,8 @@ from training.checkpoints import (
 )
 from training.evaluation import dataset_description, evaluate_retrieval_and_routing, public_dataset_name
 from training.hub import UploadFailed, push_folder
-from training.loop import build_optimizer, contrastive_forward, train_step
-from training.profiling import WARMUP_STEPS, StepProfiler, section
+from training.loop import LoopSchedule, ThroughputMeter, build_optimizer, contrastive_forward, run_training
+from training.profiling import WARMUP_STEPS, StepProfiler
 from training.towers import (
     PretrainedWeightsUnavailable,
     load_pretrained_text_tower,
@@ -221,32 +216,6 @@ HEADLINE_METRICS = (
 LOSS_PARTS = ("loss", "global_loss", "local_loss", "report_type_loss", "router_loss", "load_balance_loss")
 
 
-class ThroughputMeter:
-    """Images per second and expert usage since the last log line."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.images, self.expert_counts = time.perf_counter(), 0, Counter()
-
-    def add(self, images: int, expert_index: torch.Tensor) -> None:
-        self.images += images
-        self.expert_counts.update(expert_index.tolist())
-
-    def images_per_second(self) -> float:
-        return self.images / max(time.perf_counter() - self.start, 1e-9)
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (held-out evaluation, checkpointing) does not count against the training images/s."""
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - began
-
-
 def log_step(accelerator, out, scheduler, meter: ThroughputMeter, step: int, model, bar, log_file: Path) -> None:
     """Loss parts averaged over processes, learning rate, images/s and expert usage: to the trackers, the progress
     bar and OUTPUT_DIR/train_log.jsonl."""
@@ -275,25 +244,6 @@ def log_step(accelerator, out, scheduler, meter: ThroughputMeter, step: int, mod
             experts=usage,
         )
     meter.reset()
-
-
-class TrainingDeadline:
-    """A wall-clock budget for the training loop, counted from its creation; the main process's clock decides for
-    every process, so all of them stop after the same step."""
-
-    def __init__(self, minutes: float | None, accelerator):
-        self.start = time.monotonic()
-        self.end = self.start + 60 * minutes if minutes else None
-        self.accelerator = accelerator
-
-    def elapsed_seconds(self) -> float:
-        return time.monotonic() - self.start
-
-    def passed(self) -> bool:
-        if self.end is None:
-            return False
-        flag = torch.tensor([float(time.monotonic() >= self.end)], device=self.accelerator.device)
-        return bool(broadcast(flag, from_process=0).item())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -464,71 +414,52 @@ def run_description(args, accelerator, model, image_column: str, text_column: st
 
 
 def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, eval_loader, progress):
-    """Train until --max_steps or the --max_train_minutes budget, logging, evaluating the held-out rows and
-    checkpointing on the way. Returns (the held-out evaluations, the loop's seconds)."""
+    """Train until --max_steps or the --max_train_minutes budget (`loop.run_training`), logging, evaluating the
+    held-out rows and checkpointing on the way. Returns (the held-out evaluations, the loop's seconds)."""
     unwrapped = accelerator.unwrap_model(model)
     eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
     log_file = args.output_dir / "train_log.jsonl"
     evaluations = []
-    bar = tqdm(total=args.max_steps, initial=progress.step, desc="pretraining", disable=not accelerator.is_main_process)
-    meter = ThroughputMeter()
-    cycle_finite = True  # False once a micro-batch of the current accumulation cycle was non-finite
-    data = data_module.batches_forever(train_loader, progress)
-    forward = functools.partial(contrastive_forward, device=accelerator.device)
-    deadline = TrainingDeadline(args.max_train_minutes, accelerator)
-    model.train()
-    profiler = StepProfiler(unwrapped, progress.step + WARMUP_STEPS, args.profile_steps, args.output_dir)
-    while progress.step < args.max_steps:
-        profiler.step_begins(progress.step)
-        with section("data wait"):
-            batch = next(data)
-        progress.skipped_rows.update(batch["skipped"])
-        if "pixel_values" not in batch:
-            continue
-        out, cycle_finite = train_step(
-            accelerator, model, batch, optimizer, scheduler, args.max_grad_norm, cycle_finite, forward
-        )
-        images = batch["pixel_values"].shape[0] * accelerator.num_processes
-        progress.images_seen += images
-        meter.add(images, out.expert_index)
-        if not accelerator.sync_gradients:
-            continue
-        if not cycle_finite:
-            progress.skipped_steps += 1
-            cycle_finite = True
-            bar.write(
-                f"step {progress.step + 1}: non-finite loss or gradient, step skipped ({progress.skipped_steps} so far)"
+
+    def log(step, out, meter, bar):
+        log_step(accelerator, out, scheduler, meter, step, unwrapped, bar, log_file)
+
+    def evaluate(step, bar):
+        if accelerator.is_main_process:
+            result = evaluate_retrieval_and_routing(
+                unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names, eval_dataset
             )
-            accelerator.log({"skipped_steps": progress.skipped_steps}, step=progress.step)
-            continue
-        progress.step += 1
-        bar.update(1)
-        profile_table = profiler.step_ended(progress.step)
-        if profile_table:
-            bar.write(f"{profile_table}\n(written to {args.output_dir / 'profile.md'})")
-        is_last = progress.step == args.max_steps or deadline.passed()
-        if progress.step % args.logging_steps == 0 or is_last:
-            log_step(accelerator, out, scheduler, meter, progress.step, unwrapped, bar, log_file)
-        if eval_loader is not None and ((args.eval_steps and progress.step % args.eval_steps == 0) or is_last):
-            with meter.paused():
-                if accelerator.is_main_process:
-                    result = evaluate_retrieval_and_routing(
-                        unwrapped, eval_loader, accelerator.device, unwrapped.config.expert_names, eval_dataset
-                    )
-                    result["step"] = progress.step
-                    evaluations.append(result)
-                    metrics = result["metrics"]
-                    headline = {name: metrics[name] for name in HEADLINE_METRICS if name in metrics}
-                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
-                    bar.write(f"step {progress.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
-                accelerator.wait_for_everyone()
-        if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or is_last):
-            with meter.paused():
-                save_checkpoint(accelerator, args.output_dir / "checkpoints", progress, args.checkpoints_total_limit)
-        if is_last:
-            break
-    bar.close()
-    return evaluations, deadline.elapsed_seconds()
+            result["step"] = step
+            evaluations.append(result)
+            metrics = result["metrics"]
+            headline = {name: metrics[name] for name in HEADLINE_METRICS if name in metrics}
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
+        accelerator.wait_for_everyone()
+
+    def checkpoint(step):
+        save_checkpoint(accelerator, args.output_dir / "checkpoints", progress, args.checkpoints_total_limit)
+
+    schedule = LoopSchedule(
+        args.max_steps, args.max_train_minutes, args.logging_steps, args.eval_steps, args.checkpointing_steps
+    )
+    seconds = run_training(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        functools.partial(contrastive_forward, device=accelerator.device),
+        schedule,
+        progress,
+        max_grad_norm=args.max_grad_norm,
+        description="pretraining",
+        log=log,
+        evaluate=evaluate if eval_loader is not None else None,
+        checkpoint=checkpoint,
+        profiler=StepProfiler(unwrapped, progress.step + WARMUP_STEPS, args.profile_steps, args.output_dir),
+    )
+    return evaluations, seconds
 
 
 def finish(args, model, state_dict, processor, evaluations, progress, run_config, train_seconds) -> dict:
