@@ -1,4 +1,5 @@
-"""The README's quickstart runs as written (offline, in a fresh process, from an empty folder)."""
+"""The README's quickstart, and the DICOM guide's examples that continue it, run as written (offline, in a fresh
+process, from an empty folder)."""
 
 import os
 import re
@@ -19,8 +20,13 @@ def readme_section(title: str) -> str:
     return text[start : end if end != -1 else None]
 
 
-def test_quickstart_runs_as_written(tmp_path):
-    code = "\n".join(re.findall(r"```python\n(.*?)```", readme_section("Quickstart"), flags=re.DOTALL))
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_quickstart_and_the_dicom_guide_run_as_written(tmp_path):
+    dicom_guide = (ROOT / "docs" / "dicom-and-archives.md").read_text()
+    code = "\n".join(python_blocks(readme_section("Quickstart")) + python_blocks(dicom_guide))
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "image.png")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf")}
     completed = subprocess.run(
@@ -28,3 +34,4 @@ def test_quickstart_runs_as_written(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "'label'" in completed.stdout and "'score'" in completed.stdout
+    assert "torch.Size([1, " in completed.stdout  # the DICOM guide's embedding
