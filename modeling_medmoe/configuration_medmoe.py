@@ -193,12 +193,7 @@ PRESETS: dict[str, dict] = {
         "projection_dim": 64,
         "text_hidden_layers_to_sum": 2,
     },
-    # realmed, 20 minutes of 2 CPU cores (benchmarks/realmed.py: batch 64, lr 2e-3, sentence sampling 0.5, experts
-    # named after realmed's modalities with --expert_names), mean of seeds 42 and 43, percent: strict R@10 11.9
-    # image->text / 12.6 text->image, strict image->text R@1 1.64, text-match text->image R@10 30.3, zero-shot
-    # modality accuracy 76.0 / balanced 81.7 (the anchor's prompts), routing purity 0.930 (0.893 with these six
-    # experts); open_clip's own recipe (20.9M parameters) 10.7 / 11.9, 1.53, 31.0, 68.6 / 75.6 (BENCHMARKS.md
-    # section 5).
+    # Sized for a real-data run on 2 CPU cores; its figures on realmed are in BENCHMARKS.md (real data).
     "small": {
         "vision_config": {
             "backbone": "swin_tiny_patch4_window7_224",
@@ -206,8 +201,7 @@ PRESETS: dict[str, dict] = {
             "image_size": 128,
             "expert_dim": 96,
             "local_grid_size": 16,
-            # Measured on realmed (BENCHMARKS.md, 5-minute screen): the router reading every level, not only the
-            # coarsest, led on 10 of 15 figures (zero-shot +7.4 points).
+            # The router reads every level, not only the coarsest: better on realmed (BENCHMARKS.md, screens).
             "router_levels": "all",
         },
         "text_config": {
@@ -218,7 +212,7 @@ PRESETS: dict[str, dict] = {
             "num_attention_heads": 2,
             "intermediate_size": 384,
             "max_position_embeddings": 128,
-            # No dropout, as in CLIP: dropout cost a fifth of the text tower's time (BENCHMARKS.md, profile).
+            # No dropout, as in CLIP: its time was a large share of the text tower's (BENCHMARKS.md, profile).
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
         },

@@ -96,7 +96,7 @@ def word_region_attention(
 
 
 # Elements of one block of images' [images, captions, words, regions] scores: small enough to stay in cache while
-# every elementwise step runs over it (measured on 2 cores: about 2x faster than whole-batch passes at 28x28).
+# every elementwise step runs over it (whole-batch passes are memory-bound; BENCHMARKS.md, local loss).
 _BLOCK_ELEMENTS = 1 << 18
 
 

@@ -253,8 +253,6 @@ def archive_model(nano_folder):
 @given(entries=archive_entries())
 @FUZZ
 def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries, tmp_path_factory, memory_bound):
-    from argparse import Namespace
-
     from training import archive
     from training.index import embed_batch
 
@@ -265,7 +263,6 @@ def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries,
     rows = list(archive.folder_rows(folder))
     writer = CollectingWriter()
     model, image_processor = archive_model
-    arguments = Namespace(window=None, thumbnail_size=16)
-    embed_batch(rows, model, image_processor, arguments, writer, model.config.expert_names)
+    embed_batch(rows, model, image_processor, writer, window=None, thumbnail_size=16)
     assert writer.rows_read == len(rows) == len(writer.records) + len(writer.skipped)
     assert all(entry["reason"] and entry["id"] and entry["path"] for entry in writer.skipped)

@@ -2,8 +2,8 @@
 
 `accelerate launch` hands each process `OMP_NUM_THREADS=1` unless the user set that variable or passed
 `--num_cpu_threads_per_process` (its own CPU tuning applies only with `--cpu` and an explicit process count). That is
-its default for GPU runs; on a machine without a GPU it leaves cores idle: MedMoE `small` on realmed trained at ~80
-images/s on one thread of a 2-core machine against ~120 on both. When a script trains on the CPU under that
+its default for GPU runs; on a machine without a GPU it leaves cores idle (BENCHMARKS.md, pretraining speed, has
+what that cost). When a script trains on the CPU under that
 default, each process gets physical cores / processes on this machine threads instead, the rule accelerate applies
 to its `--cpu` runs. A plain `python` or `torchrun` start is left as it is.
 """

@@ -26,6 +26,7 @@ import datasets
 import torch
 
 from modeling_medmoe.dicom import is_dicom_file
+from training import data as data_module
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 INDEX_TYPES = ("flat", "ivf")
@@ -95,6 +96,47 @@ def folder_rows(folder: str | Path) -> Iterator[ArchiveRow]:
 def problem_row(root: Path, path: Path, problem: str) -> ArchiveRow:
     relative = path.relative_to(root)
     return ArchiveRow(str(relative), None, str(path), {"folder": str(relative.parent)}, problem=problem)
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    """What an archive index is built from: a folder of image and DICOM files (`images`), file globs (`files`), or
+    a Hub dataset or local dataset folder (`dataset_name`, `split`); `image_column` and `id_column` for the last
+    two (default: detected, and the row number)."""
+
+    images: Path | None = None
+    files: str | None = None
+    dataset_name: str | None = None
+    split: str = "train"
+    image_column: str | None = None
+    id_column: str | None = None
+
+    def description(self) -> dict:
+        return {
+            "images": str(Path(self.images).resolve()) if self.images else None,
+            "files": self.files,
+            "dataset_name": self.dataset_name,
+            "split": self.split if self.dataset_name else None,
+            "image_column": self.image_column,
+            "id_column": self.id_column,
+        }
+
+    def open(self) -> tuple[Iterator[ArchiveRow], dict]:
+        """(rows, metadata features) of the archive."""
+        if self.images is not None:
+            if not Path(self.images).is_dir():
+                raise FileNotFoundError(f"No folder at {self.images}.")
+            return folder_rows(self.images), metadata_features(None, "", None)
+        if self.files:
+            stream = data_module.files_stream(self.files)
+        else:
+            stream = data_module.hub_or_folder_stream(self.dataset_name, self.split, "train")
+        image_column = data_module.detect_column(stream, self.image_column, "image")
+        if isinstance((stream.features or {}).get(image_column), datasets.Image):
+            stream = stream.cast_column(image_column, datasets.Image(decode=False))
+        return stream_rows(stream, image_column, self.id_column), metadata_features(
+            stream, image_column, self.id_column
+        )
 
 
 def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: str | None) -> Iterator[ArchiveRow]:

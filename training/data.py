@@ -39,7 +39,7 @@ FILE_BUILDERS = {".parquet": "parquet", ".tar": "webdataset", ".jsonl": "json", 
 
 @dataclass
 class DataOptions:
-    """Where the rows come from and which columns hold what (the scripts' data flags)."""
+    """Where the rows come from, which columns hold what, and how they are read (the scripts' data flags)."""
 
     dataset_name: str = SYNTHETIC
     train_files: str | None = None
@@ -52,6 +52,9 @@ class DataOptions:
     synthetic_rows_per_shard: int = 2000
     synthetic_shards: int = 8
     synthetic_image_size: int = 128
+    shuffle_buffer: int = 1000
+    sentence_sampling: float = 0.0
+    num_workers: int = 2
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataOptions":
@@ -489,42 +492,56 @@ def build_loader(
     return make_dataloader(batches, num_workers, in_order=not training)
 
 
-def script_loaders(args, accelerator, processor, train_stream, image_column: str, text_column: str, expert_names,
-                   metadata_columns: tuple[str, ...] = ()):  # fmt: skip
-    """(train loader, held-out loader) for a training script with the data flags (`add_data_arguments`) and
-    --per_device_{train,eval}_batch_size, --max_length, --seed, --max_eval_samples: this process's shuffled part of
-    the train stream; the first --max_eval_samples eval rows, or None for --train_files without --eval_files and
-    for a dataset without an eval-like split."""
+def script_loaders(
+    options: DataOptions,
+    processor: MedMoEProcessor,
+    train_stream: datasets.IterableDataset,
+    *,
+    image_column: str,
+    text_column: str,
+    expert_names: list[str],
+    train_batch_size: int,
+    eval_batch_size: int,
+    max_length: int,
+    seed: int,
+    max_eval_samples: int | None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    metadata_columns: tuple[str, ...] = (),
+):
+    """(train loader, held-out loader) of a training script: this process's part of the train stream, shuffled
+    with `seed`, in batches of `train_batch_size`; the first `max_eval_samples` eval rows in batches of
+    `eval_batch_size`, or None for train files without eval files and for a dataset without an eval-like split."""
     shared = {
         "image_column": image_column,
         "text_column": text_column,
         "expert_names": expert_names,
-        "report_type_column": args.report_type_column,
+        "report_type_column": options.report_type_column,
         "metadata_columns": metadata_columns,
-        "max_length": args.max_length,
-        "num_workers": args.num_workers,
+        "max_length": max_length,
+        "num_workers": options.num_workers,
     }
     train_loader = build_loader(
         train_stream,
         processor,
-        batch_size=args.per_device_train_batch_size,
+        batch_size=train_batch_size,
         training=True,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        shuffle_seed=args.seed,
-        shuffle_buffer=args.shuffle_buffer,
-        sentence_sampling=args.sentence_sampling,
+        process_index=process_index,
+        num_processes=num_processes,
+        shuffle_seed=seed,
+        shuffle_buffer=options.shuffle_buffer,
+        sentence_sampling=options.sentence_sampling,
         **shared,
     )
-    if args.train_files and not args.eval_files:
+    if options.train_files and not options.eval_files:
         return train_loader, None
     try:
-        eval_stream = load_stream(DataOptions.from_args(args), "eval")
+        eval_stream = load_stream(options, "eval")
     except NoSuchSplit as missing:
-        accelerator.print(f"No held-out evaluation: {missing}")
+        if process_index == 0:
+            print(f"No held-out evaluation: {missing}")
         return train_loader, None
     eval_loader = build_loader(
-        eval_stream, processor, batch_size=args.per_device_eval_batch_size, training=False,
-        max_rows=args.max_eval_samples, **shared,
-    )  # fmt: skip
+        eval_stream, processor, batch_size=eval_batch_size, training=False, max_rows=max_eval_samples, **shared
+    )
     return train_loader, eval_loader

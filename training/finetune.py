@@ -178,7 +178,20 @@ def main(argv: list[str] | None = None) -> dict:
     keep = (args.label_column,) if args.task == "classification" else ()
 
     train_loader, eval_loader = data_module.script_loaders(
-        args, accelerator, processor, train_stream, image_column, text_column, expert_names, keep
+        options,
+        processor,
+        train_stream,
+        image_column=image_column,
+        text_column=text_column,
+        expert_names=expert_names,
+        train_batch_size=args.per_device_train_batch_size,
+        eval_batch_size=args.per_device_eval_batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        max_eval_samples=args.max_eval_samples,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        metadata_columns=keep,
     )
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler(

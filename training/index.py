@@ -33,7 +33,6 @@ from modeling_medmoe import MedMoEImageProcessor
 from modeling_medmoe.dicom import is_dicom
 from modeling_medmoe.limits import InputTooLarge
 from training import archive
-from training import data as data_module
 
 CHUNK_PATTERN = "chunk-{:05d}.parquet"
 
@@ -64,35 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def source_description(args: argparse.Namespace) -> dict:
-    """What was indexed, to tell a resume of the same run from a different one."""
-    return {
-        "images": str(args.images.resolve()) if args.images else None,
-        "files": args.files,
-        "dataset_name": args.dataset_name,
-        "split": args.split if args.dataset_name else None,
-        "image_column": args.image_column,
-        "id_column": args.id_column,
-        "window": args.window,
-        "max_rows": args.max_rows,
-    }
-
-
-def open_source(args: argparse.Namespace):
-    """(rows, metadata features) of the archive."""
-    if args.images is not None:
-        if not args.images.is_dir():
-            raise FileNotFoundError(f"No folder at {args.images}.")
-        return archive.folder_rows(args.images), archive.metadata_features(None, "", None)
-    if args.files:
-        stream = data_module.files_stream(args.files)
-    else:
-        stream = data_module.hub_or_folder_stream(args.dataset_name, args.split, "train")
-    image_column = data_module.detect_column(stream, args.image_column, "image")
-    if isinstance((stream.features or {}).get(image_column), datasets.Image):
-        stream = stream.cast_column(image_column, datasets.Image(decode=False))
-    rows = archive.stream_rows(stream, image_column, args.id_column)
-    return rows, archive.metadata_features(stream, image_column, args.id_column)
+def source_description(source: archive.ArchiveSource, window: str | None, max_rows: int | None) -> dict:
+    """What was indexed and how, to tell a resume of the same run from a different one."""
+    return {**source.description(), "window": window, "max_rows": max_rows}
 
 
 class ChunkWriter:
@@ -142,36 +115,39 @@ class ChunkWriter:
         self.records, self.rows_read_since_chunk, self.skipped_since_chunk = [], 0, []
 
 
-def embed_archive(args, model, image_processor, rows, writer: ChunkWriter, skip: int) -> None:
-    """Read, prepare, embed and hand to `writer` every source row after the first `skip`."""
-    expert_names = model.config.expert_names
+def embed_archive(
+    rows, model, image_processor, writer: ChunkWriter, *, skip: int, batch_size: int, max_rows: int | None,
+    window: str | None, thumbnail_size: int,
+) -> None:  # fmt: skip
+    """Read, prepare, embed and hand to `writer` every source row after the first `skip` (at most `max_rows` rows
+    in all), `batch_size` at a time."""
     batch, bar = [], tqdm(desc="embedding", unit="image", initial=skip)
     for number, row in enumerate(rows):
-        if args.max_rows is not None and number >= args.max_rows:
+        if max_rows is not None and number >= max_rows:
             break
         if number < skip:
             continue
         batch.append(row)
-        if len(batch) == args.batch_size:
-            embed_batch(batch, model, image_processor, args, writer, expert_names)
+        if len(batch) == batch_size:
+            embed_batch(batch, model, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
             bar.update(len(batch))
             batch = []
     if batch:
-        embed_batch(batch, model, image_processor, args, writer, expert_names)
+        embed_batch(batch, model, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
         bar.update(len(batch))
     bar.close()
     writer.flush()
 
 
-def embed_batch(rows, model, image_processor, args, writer: ChunkWriter, expert_names) -> None:
-    """Prepare each row (skipping, counting and listing the unreadable ones), embed the rest, give them to the
-    writer."""
+def embed_batch(rows, model, image_processor, writer, *, window: str | None, thumbnail_size: int) -> None:
+    """Prepare each row (DICOM through `window`; skipping, counting and listing the unreadable ones), embed the
+    rest, give them to the writer (with a `thumbnail_size` thumbnail each, 0 = none)."""
     pixels, kept, thumbnails, skipped = [], [], [], []
     for row in rows:
         reason, detail = row.problem, ""
         if reason is None:
             try:
-                unit = image_processor.to_display(row.image, window=args.window)  # decoded and windowed once
+                unit = image_processor.to_display(row.image, window=window)  # decoded and windowed once
             except FileNotFoundError as error:
                 reason, detail = "missing_file", str(error)
             except InputTooLarge as error:
@@ -183,9 +159,10 @@ def embed_batch(rows, model, image_processor, args, writer: ChunkWriter, expert_
             continue
         pixels.append(image_processor.unit_to_model_input(unit))
         kept.append(row)
-        thumbnails.append(archive.thumbnail_png(unit, args.thumbnail_size) if args.thumbnail_size else None)
+        thumbnails.append(archive.thumbnail_png(unit, thumbnail_size) if thumbnail_size else None)
     records = []
     if kept:
+        expert_names = model.config.expert_names
         embeddings, experts = archive.embed_images(model, torch.stack(pixels))
         for row, embedding, expert, thumbnail in zip(kept, embeddings, experts.tolist(), thumbnails):
             records.append(
@@ -256,28 +233,32 @@ def index_archive(args: argparse.Namespace) -> dict:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     # this package's image processor with the folder's saved settings: it reads DICOM whatever the folder's code age
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
-    source = source_description(args)
+    source = archive.ArchiveSource(
+        args.images, args.files, args.dataset_name, args.split, args.image_column, args.id_column
+    )
+    described = source_description(source, args.window, args.max_rows)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     progress = archive.read_json(args.output_dir / "progress.json")
-    if progress is not None and (progress["source"] != source or progress["model"] != args.model):
+    if progress is not None and (progress["source"] != described or progress["model"] != args.model):
         raise ValueError(
             f"{args.output_dir} holds an index of another source or model ({progress['source']}, {progress['model']});"
             " pass another --output_dir, or delete it to start again."
         )
     if progress is None:
-        progress = {"model": args.model, "source": source, "rows_read": 0, "chunks": 0, "skipped": {}}
+        progress = {"model": args.model, "source": described, "rows_read": 0, "chunks": 0, "skipped": {}}
     elif progress["rows_read"]:
         print(f"Resuming after {progress['rows_read']} rows ({progress['chunks']} chunks) in {args.output_dir}.")
-    rows, metadata = open_source(args)
+    rows, metadata = source.open()
     features = archive.index_features(metadata, model.config.projection_dim)
     writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size)
     start = time.perf_counter()
-    embed_archive(args, model, image_processor, rows, writer, skip=progress["rows_read"])
+    embed_archive(rows, model, image_processor, writer, skip=progress["rows_read"], batch_size=args.batch_size,
+                  max_rows=args.max_rows, window=args.window, thumbnail_size=args.thumbnail_size)  # fmt: skip
     embed_seconds = time.perf_counter() - start
     dataset, index_seconds = build_index(args.output_dir, args.index)
     info = {
         "model": args.model,
-        "source": source,
+        "source": described,
         "rows": len(dataset),
         "rows_read": progress["rows_read"],
         "skipped": progress["skipped"],
@@ -285,7 +266,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         "dimension": model.config.projection_dim,
         "index": args.index,
         "expert_names": list(model.config.expert_names),
-        "window": source["window"],
+        "window": args.window,
         "embed_seconds_this_run": round(embed_seconds, 2),
         "index_build_seconds": round(index_seconds, 3),
     }

@@ -257,12 +257,33 @@ def main(argv: list[str] | None = None) -> dict:
     train_stream, image_column, text_column = data_module.open_stream(options, "train")
     with accelerator.main_process_first():
         tokenizer = text_tokenizer(
-            args, train_stream, text_column, args.output_dir / "tokenizer", accelerator.is_main_process
+            args.tokenizer or args.text_model,
+            train_stream,
+            text_column,
+            args.output_dir / "tokenizer",
+            accelerator.is_main_process,
+            resuming=bool(args.resume_from_checkpoint),
+            training_rows=args.tokenizer_training_rows,
+            vocab_size=args.tokenizer_vocab_size,
+            max_length=args.max_length,
         )
     model, processor = build_model_and_processor(args, tokenizer)
     ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
     train_loader, eval_loader = data_module.script_loaders(
-        args, accelerator, processor, train_stream, image_column, text_column, model.config.expert_names, ground_truth
+        options,
+        processor,
+        train_stream,
+        image_column=image_column,
+        text_column=text_column,
+        expert_names=model.config.expert_names,
+        train_batch_size=args.per_device_train_batch_size,
+        eval_batch_size=args.per_device_eval_batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        max_eval_samples=args.max_eval_samples,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        metadata_columns=ground_truth,
     )
     optimizer, scheduler = build_optimizer_and_schedule(args, accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -25,24 +25,35 @@ def offline_hint(name: str, error: Exception) -> str:
     )
 
 
-def text_tokenizer(args, train_stream, text_column: str, save_dir: Path, is_main_process: bool):
-    """The --tokenizer or --text_model's tokenizer, or a WordPiece tokenizer learnt from the first reports of the
-    train stream (the learnt vocabulary may differ between runs where pieces tie; --tokenizer reuses one).
+def text_tokenizer(
+    source: str | None,
+    train_stream,
+    text_column: str,
+    save_dir: Path,
+    is_main_process: bool,
+    *,
+    resuming: bool = False,
+    training_rows: int = 2000,
+    vocab_size: int = 2048,
+    max_length: int = 128,
+):
+    """The tokenizer of `source` (a tokenizer or BERT-style model: folder or Hub id), or a WordPiece tokenizer of
+    at most `vocab_size` pieces learnt from the first `training_rows` reports of the train stream (the learnt
+    vocabulary may differ between runs where pieces tie; passing a `source` reuses one).
 
-    Call it main-process-first: the main process learns and saves the vocabulary, the others read it. A resumed
-    run reads the vocabulary its checkpoints were trained with."""
-    source = args.tokenizer or args.text_model
+    Call it main-process-first: the main process learns and saves the vocabulary in `save_dir`, the others read it.
+    A resumed run (`resuming`) reads the vocabulary its checkpoints were trained with."""
     if source:
         try:
-            return AutoTokenizer.from_pretrained(source, model_max_length=args.max_length)
+            return AutoTokenizer.from_pretrained(source, model_max_length=max_length)
         except (OSError, ValueError) as error:
             raise PretrainedWeightsUnavailable(offline_hint(source, error)) from None
-    if args.resume_from_checkpoint and (save_dir / "tokenizer_config.json").is_file():
+    if resuming and (save_dir / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(save_dir)
     if is_main_process:
-        rows = train_stream.select_columns([text_column]).take(args.tokenizer_training_rows)
+        rows = train_stream.select_columns([text_column]).take(training_rows)
         texts = (row[text_column] for row in rows if isinstance(row[text_column], str))
-        tokenizer = train_wordpiece_tokenizer(texts, args.tokenizer_vocab_size, model_max_length=args.max_length)
+        tokenizer = train_wordpiece_tokenizer(texts, vocab_size, model_max_length=max_length)
         tokenizer.save_pretrained(save_dir)
         return tokenizer
     return AutoTokenizer.from_pretrained(save_dir)
