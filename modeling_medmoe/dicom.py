@@ -68,13 +68,24 @@ def read_dicom(source, frame: int | None = None, limits: InputLimits | None = No
     limits = limits or InputLimits()
     try:
         import pydicom  # noqa: F401
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as error:
         raise ImportError(
             'Reading DICOM needs pydicom: pip install "medmoe[dicom]" (or pip install pydicom).'
         ) from error
 
     dataset = source if is_dicom_dataset(source) else open_dicom(source, limits)
+    try:
+        return dicom_frame(dataset, frame, limits)
+    except ValueError:  # our own messages (InputTooLarge, frame out of range, no decoder) stand as they are
+        raise
+    except Exception as error:  # pydicom parses elements when they are first read: a malformed one raises here
+        raise ValueError(f"Cannot read this DICOM file: {type(error).__name__}: {error}") from error
+
+
+def dicom_frame(dataset, frame: int | None, limits: InputLimits) -> DicomPixels:
+    """`read_dicom`'s work on a parsed dataset: check its header, decode one frame, calibrate it."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     check_dicom_size(dataset, limits)
     frames = int(dataset.get("NumberOfFrames") or 1)
     index = frames // 2 if frame is None else frame

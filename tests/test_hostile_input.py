@@ -273,3 +273,14 @@ def test_every_probe_of_the_hostile_input_benchmark_is_refused(handler):
     for name, request in probe_requests().items():
         error = handler(request).get("error", "")
         assert "above the limit" in error or "inflates beyond" in error or "template" in error, (name, error)
+
+
+def test_a_dicom_element_of_the_wrong_length_is_a_clear_error():
+    """pydicom parses an element when it is first read (here the pixel representation, 3 bytes for a 2-byte VR):
+    found by the fuzz suite, it once escaped as a BytesLengthException."""
+    data = dicom_bytes(rows=16)
+    element = data.index(b"\x28\x00\x03\x01US\x02\x00")  # (0028,0103) US, length 2
+    bad = data[:element] + b"\x28\x00\x03\x01US\x03\x00" + data[element + 8 : element + 10] + b"\x00"
+    bad += data[element + 10 :]
+    with pytest.raises(ValueError, match="Cannot read this DICOM file: BytesLengthException"):
+        MedMoEImageProcessor()(bad)

@@ -492,43 +492,58 @@ def build_loader(
     return make_dataloader(batches, num_workers, in_order=not training)
 
 
+@dataclass
+class LoaderSettings:
+    """Batch sizes, report length, shuffle seed and held-out size of a training script's loaders."""
+
+    train_batch_size: int
+    eval_batch_size: int
+    max_length: int
+    seed: int
+    max_eval_samples: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LoaderSettings":
+        """The settings from a training script's --per_device_{train,eval}_batch_size, --max_length, --seed and
+        --max_eval_samples."""
+        return cls(
+            args.per_device_train_batch_size, args.per_device_eval_batch_size, args.max_length, args.seed,
+            args.max_eval_samples,
+        )  # fmt: skip
+
+
 def script_loaders(
     options: DataOptions,
+    settings: LoaderSettings,
     processor: MedMoEProcessor,
     train_stream: datasets.IterableDataset,
-    *,
     image_column: str,
     text_column: str,
     expert_names: list[str],
-    train_batch_size: int,
-    eval_batch_size: int,
-    max_length: int,
-    seed: int,
-    max_eval_samples: int | None,
     process_index: int = 0,
     num_processes: int = 1,
     metadata_columns: tuple[str, ...] = (),
 ):
     """(train loader, held-out loader) of a training script: this process's part of the train stream, shuffled
-    with `seed`, in batches of `train_batch_size`; the first `max_eval_samples` eval rows in batches of
-    `eval_batch_size`, or None for train files without eval files and for a dataset without an eval-like split."""
+    with the settings' seed, in training batches; the first `max_eval_samples` eval rows in eval batches, or None
+    for train files without eval files and for a dataset without an eval-like split."""
     shared = {
         "image_column": image_column,
         "text_column": text_column,
         "expert_names": expert_names,
         "report_type_column": options.report_type_column,
         "metadata_columns": metadata_columns,
-        "max_length": max_length,
+        "max_length": settings.max_length,
         "num_workers": options.num_workers,
     }
     train_loader = build_loader(
         train_stream,
         processor,
-        batch_size=train_batch_size,
+        batch_size=settings.train_batch_size,
         training=True,
         process_index=process_index,
         num_processes=num_processes,
-        shuffle_seed=seed,
+        shuffle_seed=settings.seed,
         shuffle_buffer=options.shuffle_buffer,
         sentence_sampling=options.sentence_sampling,
         **shared,
@@ -542,6 +557,7 @@ def script_loaders(
             print(f"No held-out evaluation: {missing}")
         return train_loader, None
     eval_loader = build_loader(
-        eval_stream, processor, batch_size=eval_batch_size, training=False, max_rows=max_eval_samples, **shared
-    )
+        eval_stream, processor, batch_size=settings.eval_batch_size, training=False,
+        max_rows=settings.max_eval_samples, **shared,
+    )  # fmt: skip
     return train_loader, eval_loader

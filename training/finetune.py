@@ -178,21 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     keep = (args.label_column,) if args.task == "classification" else ()
 
     train_loader, eval_loader = data_module.script_loaders(
-        options,
-        processor,
-        train_stream,
-        image_column=image_column,
-        text_column=text_column,
-        expert_names=expert_names,
-        train_batch_size=args.per_device_train_batch_size,
-        eval_batch_size=args.per_device_eval_batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        max_eval_samples=args.max_eval_samples,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        metadata_columns=keep,
-    )
+        options, data_module.LoaderSettings.from_args(args), processor, train_stream, image_column, text_column,
+        expert_names, accelerator.process_index, accelerator.num_processes, keep,
+    )  # fmt: skip
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler(
         "cosine", optimizer, args.warmup_steps * accelerator.num_processes, args.max_steps * accelerator.num_processes

@@ -270,21 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = build_model_and_processor(args, tokenizer)
     ground_truth = tuple(column.strip() for column in args.ground_truth_columns.split(",") if column.strip())
     train_loader, eval_loader = data_module.script_loaders(
-        options,
-        processor,
-        train_stream,
-        image_column=image_column,
-        text_column=text_column,
-        expert_names=model.config.expert_names,
-        train_batch_size=args.per_device_train_batch_size,
-        eval_batch_size=args.per_device_eval_batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        max_eval_samples=args.max_eval_samples,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        metadata_columns=ground_truth,
-    )
+        options, data_module.LoaderSettings.from_args(args), processor, train_stream, image_column, text_column,
+        model.config.expert_names, accelerator.process_index, accelerator.num_processes, ground_truth,
+    )  # fmt: skip
     optimizer, scheduler = build_optimizer_and_schedule(args, accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = resume_or_start(args, accelerator)
