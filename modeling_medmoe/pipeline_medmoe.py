@@ -7,6 +7,8 @@ transformers' generic pipeline it:
   Dataset), with `window=` (a CT preset or (centre, width)) and `frame=` per call; a URL is fetched within the
   image processor's limits (`timeout=` seconds, default `url_timeout_seconds`, for the whole download, and at most
   `max_image_bytes`);
+- runs the image side on the folder's ONNX export (`training/export.py`) when it holds one and onnxruntime is
+  installed;
 - takes `candidate_labels` as a list or one comma-separated string, and checks labels and template against the
   limits (`limits.py`) before any work;
 - scores with the model's own zero-shot methods (`zero_shot.py`): without `hypothesis_template`, each label
@@ -19,9 +21,11 @@ import http.client
 import time
 import urllib.request
 
+import torch
 from transformers.pipelines import ZeroShotImageClassificationPipeline
 
 from .limits import InputLimits
+from .onnx_image_encoder import exported_encoder
 from .zero_shot import zero_shot_request
 
 DOWNLOAD_CHUNK_BYTES = 1 << 16
@@ -61,8 +65,16 @@ class MedMoEZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
         pixel_values = self.image_processor(images=[image], window=window, frame=frame)["pixel_values"]
         return {"pixel_values": pixel_values.to(self.model.dtype), "candidate_labels": labels, "templates": templates}
 
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, P]: on the folder's ONNX export when it has one and onnxruntime is installed, else in PyTorch."""
+        if not hasattr(self, "onnx_encoder"):
+            self.onnx_encoder = exported_encoder(self.model.name_or_path)
+        if self.onnx_encoder is not None:
+            return self.onnx_encoder(pixel_values)[0]
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
     def _forward(self, model_inputs: dict) -> dict:
-        image_embeds = self.model.get_image_features(pixel_values=model_inputs["pixel_values"]).pooler_output
+        image_embeds = self.image_embeddings(model_inputs["pixel_values"])
         labels, templates = model_inputs["candidate_labels"], model_inputs["templates"]
         class_embeds = self.model.get_zero_shot_class_embeddings(self.tokenizer, labels, templates)
         probabilities = self.model.zero_shot_probabilities(image_embeds, class_embeds)[0]

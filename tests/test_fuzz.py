@@ -170,7 +170,7 @@ def test_the_handler_answers_every_payload(handler, payload, memory_bound):
     result = handler(payload)
     hypothesis.event("refused" if isinstance(result, dict) and "error" in result else "served")
     if isinstance(result, dict):
-        assert set(result) in ({"error"}, {"embeddings", "experts"}, {"embeddings"}), result
+        assert set(result) in ({"error"}, {"embeddings", "experts", "backend"}, {"embeddings"}), result
         assert "error" not in result or isinstance(result["error"], str) and result["error"]
     else:
         assert isinstance(result, list) and all(set(entry) == {"label", "score"} for entry in result)
@@ -254,6 +254,7 @@ def archive_model(nano_folder):
 @FUZZ
 def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries, tmp_path_factory, memory_bound):
     from training import archive
+    from training.archive import ImageEmbedder
     from training.index import embed_batch
 
     folder = tmp_path_factory.mktemp("walk")
@@ -263,6 +264,6 @@ def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries,
     rows = list(archive.folder_rows(folder))
     writer = CollectingWriter()
     model, image_processor = archive_model
-    embed_batch(rows, model, image_processor, writer, window=None, thumbnail_size=16)
+    embed_batch(rows, ImageEmbedder(model, "", "torch"), image_processor, writer, window=None, thumbnail_size=16)
     assert writer.rows_read == len(rows) == len(writer.records) + len(writer.skipped)
     assert all(entry["reason"] and entry["id"] and entry["path"] for entry in writer.skipped)

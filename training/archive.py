@@ -194,11 +194,32 @@ def thumbnail_png(unit_image: torch.Tensor, size: int) -> bytes:
     return buffer.getvalue()
 
 
-@torch.no_grad()
-def embed_images(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixel_values [B, 3, H, W] -> (L2-normalised image embeddings [B, P], chosen expert [B])."""
-    out = model(pixel_values=pixel_values.to(model.device, model.dtype))
-    return out.image_embeds.float().cpu(), out.expert_index.cpu()
+BACKENDS = ("auto", "torch", "onnx")
+
+
+class ImageEmbedder:
+    """pixel_values [B, 3, H, W] -> (L2-normalised image embeddings [B, P], chosen expert [B]) with the model in
+    PyTorch, or with the folder's ONNX export (`training/export.py`) on ONNX Runtime. `backend`: "torch", "onnx",
+    or "auto" (ONNX when the folder holds an export and onnxruntime is installed). `name` says which runs."""
+
+    def __init__(self, model, folder: str, backend: str = "auto"):
+        from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder, exported_encoder
+
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+        self.model = model
+        self.onnx = OnnxImageEncoder(folder) if backend == "onnx" else None
+        if backend == "auto":
+            self.onnx = exported_encoder(folder)
+        self.name = f"onnx-{self.onnx.precision}" if self.onnx else "torch"
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.onnx is not None:
+            embeddings, experts = self.onnx(pixel_values)
+            return torch.nn.functional.normalize(embeddings, dim=-1), experts
+        out = self.model(pixel_values=pixel_values.to(self.model.device, self.model.dtype))
+        return out.image_embeds.float().cpu(), out.expert_index.cpu()
 
 
 @torch.no_grad()

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk_size", type=int, default=1024, help="rows per chunk written (the resume unit)")
     parser.add_argument("--max_rows", type=int, help="index at most this many source rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--backend",
+        choices=archive.BACKENDS,
+        default="auto",
+        help="image side: torch, onnx (the folder's export, training/export.py), or auto (onnx when exported)",
+    )
     return parser.parse_args(argv)
 
 
@@ -116,7 +122,7 @@ class ChunkWriter:
 
 
 def embed_archive(
-    rows, model, image_processor, writer: ChunkWriter, *, skip: int, batch_size: int, max_rows: int | None,
+    rows, embedder, image_processor, writer: ChunkWriter, *, skip: int, batch_size: int, max_rows: int | None,
     window: str | None, thumbnail_size: int,
 ) -> None:  # fmt: skip
     """Read, prepare, embed and hand to `writer` every source row after the first `skip` (at most `max_rows` rows
@@ -129,19 +135,20 @@ def embed_archive(
             continue
         batch.append(row)
         if len(batch) == batch_size:
-            embed_batch(batch, model, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
+            embed_batch(batch, embedder, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
             bar.update(len(batch))
             batch = []
     if batch:
-        embed_batch(batch, model, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
+        embed_batch(batch, embedder, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
         bar.update(len(batch))
     bar.close()
     writer.flush()
 
 
-def embed_batch(rows, model, image_processor, writer, *, window: str | None, thumbnail_size: int) -> None:
+def embed_batch(rows, embedder, image_processor, writer, *, window: str | None, thumbnail_size: int) -> None:
     """Prepare each row (DICOM through `window`; skipping, counting and listing the unreadable ones), embed the
-    rest, give them to the writer (with a `thumbnail_size` thumbnail each, 0 = none)."""
+    rest with `embedder` (`archive.ImageEmbedder`), give them to the writer (with a `thumbnail_size` thumbnail each,
+    0 = none)."""
     pixels, kept, thumbnails, skipped = [], [], [], []
     for row in rows:
         reason, detail = row.problem, ""
@@ -162,8 +169,8 @@ def embed_batch(rows, model, image_processor, writer, *, window: str | None, thu
         thumbnails.append(archive.thumbnail_png(unit, thumbnail_size) if thumbnail_size else None)
     records = []
     if kept:
-        expert_names = model.config.expert_names
-        embeddings, experts = archive.embed_images(model, torch.stack(pixels))
+        expert_names = embedder.model.config.expert_names
+        embeddings, experts = embedder(torch.stack(pixels))
         for row, embedding, expert, thumbnail in zip(kept, embeddings, experts.tolist(), thumbnails):
             records.append(
                 {
@@ -252,7 +259,9 @@ def index_archive(args: argparse.Namespace) -> dict:
     features = archive.index_features(metadata, model.config.projection_dim)
     writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size)
     start = time.perf_counter()
-    embed_archive(rows, model, image_processor, writer, skip=progress["rows_read"], batch_size=args.batch_size,
+    embedder = archive.ImageEmbedder(model, args.model, args.backend)
+    print(f"Image side on {embedder.name}.")
+    embed_archive(rows, embedder, image_processor, writer, skip=progress["rows_read"], batch_size=args.batch_size,
                   max_rows=args.max_rows, window=args.window, thumbnail_size=args.thumbnail_size)  # fmt: skip
     embed_seconds = time.perf_counter() - start
     dataset, index_seconds = build_index(args.output_dir, args.index)
@@ -265,6 +274,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         "skipped_list": archive.SKIPPED_FILE,
         "dimension": model.config.projection_dim,
         "index": args.index,
+        "backend": embedder.name,
         "expert_names": list(model.config.expert_names),
         "window": args.window,
         "embed_seconds_this_run": round(embed_seconds, 2),

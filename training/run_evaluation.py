@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_pointing_samples", type=int, default=512, help="rows scored by the pointing game")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the backbone and the text tower")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="image side: PyTorch, or the folder's ONNX export (training/export.py; not with the attention task)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -67,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.tasks) - set(TASKS)
     if unknown:
         parser.error(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    if args.backend == "onnx" and "attention" in args.tasks:
+        parser.error("--backend onnx gives image embeddings only; leave out the attention task (--tasks)")
     return args
 
 
@@ -260,13 +269,41 @@ def markdown_table(metrics: dict[str, float]) -> str:
     return "| metric | value |\n|---|---|\n" + rows
 
 
+class OnnxImageSide(torch.nn.Module):
+    """A MedMoEModel whose image side runs on its folder's ONNX export (`training/export.py`), with the interface
+    the evaluation reads: image embeddings and experts from the export, everything textual from the model."""
+
+    def __init__(self, model, folder: str):
+        super().__init__()
+        from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder
+
+        self.model, self.encoder = model, OnnxImageEncoder(folder)
+
+    def forward(self, pixel_values=None, **text_inputs):
+        if pixel_values is None:
+            return self.model(**text_inputs)
+        embeddings, expert_index = self.encoder(pixel_values)
+        return SimpleNamespace(
+            image_embeds=torch.nn.functional.normalize(embeddings, dim=-1), expert_index=expert_index
+        )
+
+    def get_text_features(self, **text_inputs):
+        return self.model.get_text_features(**text_inputs)
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        return self.model.clamped_logit_scale()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.torch_compile:
         model.compile_towers()
-    return evaluate_model(args, model, processor, model.config.expert_names)
+    expert_names = model.config.expert_names
+    if args.backend == "onnx":
+        model = OnnxImageSide(model, args.model)
+    return evaluate_model(args, model, processor, expert_names)
 
 
 def evaluate_model(args: argparse.Namespace, model, processor, expert_names: list[str]) -> dict:

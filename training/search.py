@@ -61,6 +61,7 @@ class ArchiveSearch:
         self.model = AutoModel.from_pretrained(model_name, trust_remote_code=True).to(device).eval()
         self.image_processor = MedMoEImageProcessor.from_pretrained(model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
+        self.embed_images = archive.ImageEmbedder(self.model, model_name, "torch")
         if self.model.config.projection_dim != self.info["dimension"]:
             raise ValueError(f"{model_name} embeds in {self.model.config.projection_dim} dimensions; the index holds "
                              f"{self.info['dimension']}.")  # fmt: skip
@@ -72,7 +73,7 @@ class ArchiveSearch:
 
     def image_query(self, image, window=None) -> torch.Tensor:
         pixel_values = self.image_processor(images=[image], window=window)["pixel_values"]
-        return archive.embed_images(self.model, pixel_values)[0][0]
+        return self.embed_images(pixel_values)[0][0]
 
     def search(self, query: torch.Tensor, k: int, expert: str | None = None) -> list[dict]:
         """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`.

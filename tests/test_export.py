@@ -1,0 +1,131 @@
+"""The ONNX export of the image side (training/export.py): it agrees with PyTorch and keeps the routing, int8 stays
+close, a folder holding it still loads in PyTorch alone, medmoe-index and the evaluation run on it and say so, and an
+export that cannot be done is refused clearly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from modeling_medmoe import MedMoEModel  # noqa: E402
+from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder, has_onnx_export  # noqa: E402
+from training import export  # noqa: E402
+
+from .test_archive import image_folder, phantoms, run_index  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, nano_folder):
+    """The nano folder with an fp32 export, and a copy with an int8 one."""
+    fp32 = tmp_path_factory.mktemp("exported") / "fp32"
+    shutil.copytree(nano_folder, fp32)
+    export.main(["--model", str(fp32)])
+    int8 = fp32.parent / "int8"
+    shutil.copytree(nano_folder, int8)
+    export.main(["--model", str(int8), "--int8"])
+    return fp32, int8
+
+
+def varied_images(count: int = 24) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    scale = torch.linspace(0.2, 3.0, count).view(count, 1, 1, 1)
+    return torch.randn(count, 3, 64, 64, generator=generator) * scale + torch.linspace(-2, 2, count).view(-1, 1, 1, 1)
+
+
+def test_the_fp32_export_agrees_with_pytorch_and_keeps_the_routing(exported):
+    folder, _ = exported
+    model = MedMoEModel.from_pretrained(folder).eval()
+    pixels = varied_images()
+    with torch.no_grad():
+        eager = model.vision_model(pixels)
+    embeddings, experts = OnnxImageEncoder(folder)(pixels)
+    assert torch.equal(experts, eager.expert_index)
+    assert len(experts.unique()) > 1, "the images must exercise several experts"
+    cosine = torch.nn.functional.cosine_similarity(embeddings, eager.image_embeds, dim=-1)
+    assert cosine.min() >= 0.999
+    info = json.loads((folder / "onnx" / "export_info.json").read_text())
+    assert info["precision"] == "fp32" and info["check"]["same_expert"] == 1.0
+
+
+def test_int8_stays_close_to_pytorch(exported):
+    _, folder = exported
+    model = MedMoEModel.from_pretrained(folder).eval()
+    pixels = varied_images()
+    with torch.no_grad():
+        eager = model.vision_model(pixels)
+    embeddings, experts = OnnxImageEncoder(folder)(pixels)
+    cosine = torch.nn.functional.cosine_similarity(embeddings, eager.image_embeds, dim=-1)
+    assert cosine.mean() >= 0.99 and (experts == eager.expert_index).float().mean() >= 0.9  # measured: 0.999+, 1.0
+    assert OnnxImageEncoder(folder).precision == "int8"
+
+
+def test_a_folder_with_an_export_still_loads_in_pytorch_alone(exported):
+    from transformers import AutoModel
+
+    folder, _ = exported
+    assert has_onnx_export(folder)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert model(pixel_values=varied_images(2)).image_embeds.shape == (2, model.config.projection_dim)
+
+
+def test_the_export_is_refused_clearly(tmp_path, nano_folder):
+    with pytest.raises(SystemExit, match="not a saved model folder"):
+        export.main(["--model", str(tmp_path)])
+    broken = tmp_path / "broken"
+    shutil.copytree(nano_folder, broken)
+    (broken / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SystemExit, match="does not load as a MedMoEModel"):
+        export.main(["--model", str(broken)])
+    assert not (broken / "onnx").exists()
+    with pytest.raises(FileNotFoundError, match="holds no ONNX export"):
+        OnnxImageEncoder(nano_folder)
+
+
+def test_medmoe_index_and_the_evaluation_run_on_the_export(exported, image_folder, tmp_path):  # noqa: F811
+    from training import run_evaluation
+
+    folder, _ = exported
+    on_onnx = run_index(["--model", str(folder), "--images", str(image_folder), "--output_dir", str(tmp_path / "o")])
+    on_torch = run_index(["--model", str(folder), "--images", str(image_folder), "--output_dir", str(tmp_path / "t"),
+                          "--backend", "torch"])  # fmt: skip
+    assert (on_onnx["backend"], on_torch["backend"]) == ("onnx-fp32", "torch")
+    assert on_onnx["rows"] == on_torch["rows"]
+    arguments = ["--model", str(folder), "--tasks", "zero_shot,retrieval", "--max_samples", "32", "--num_workers", "0"]
+    figures = {
+        backend: run_evaluation.main([*arguments, "--output_dir", str(tmp_path / backend), "--backend", backend])
+        for backend in ("torch", "onnx")
+    }
+    for name, value in figures["torch"]["metrics"].items():
+        assert figures["onnx"]["metrics"][name] == pytest.approx(value, abs=1e-3), name
+    with pytest.raises(SystemExit):
+        run_evaluation.parse_args([*arguments, "--output_dir", str(tmp_path), "--backend", "onnx", "--tasks",
+                                   "attention"])  # fmt: skip
+
+
+def test_the_handler_and_the_pipeline_use_the_export_and_say_so(exported, tmp_path):
+    from transformers import pipeline
+
+    from benchmarks.hostile_inputs import png_bytes
+
+    from .helpers import endpoint_handler
+
+    folder = tmp_path / "release"
+    shutil.copytree(exported[0], folder)
+    shutil.copyfile("model_card/handler.py", folder / "handler.py")
+    request = {
+        "inputs": [png_bytes(side=64, seed=seed) for seed in range(3)],
+        "parameters": {"mode": "image-embedding"},
+    }
+    on_onnx = endpoint_handler(folder)(request)
+    shutil.rmtree(folder / "onnx")
+    on_torch = endpoint_handler(folder)(request)
+    assert (on_onnx["backend"], on_torch["backend"]) == ("onnx-fp32", "torch")
+    assert on_onnx["experts"] == on_torch["experts"]
+    assert torch.tensor(on_onnx["embeddings"]) == pytest.approx(torch.tensor(on_torch["embeddings"]), abs=1e-4)
+    classifier = pipeline("zero-shot-image-classification", model=str(exported[0]), trust_remote_code=True)
+    scores = classifier(png_bytes(side=64), candidate_labels=["CT", "MRI"])
+    assert classifier.onnx_encoder is not None and sum(entry["score"] for entry in scores) == pytest.approx(1.0)
