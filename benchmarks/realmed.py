@@ -14,8 +14,11 @@ training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties br
 (benchmarks/configs/) and with the project's own, routing purity and NMI vs modality, linear-probe accuracy on modality
 and on label.
 
-Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only, one expert per modality of the
-train split, as every MedMoE system unless it sets its own experts), medmoe_seed43 (the same, a second seed),
+Systems: medmoe (the `small` preset as training/pretrain.py runs it: global loss only, report types read from the
+report text, one expert per modality of the train split (a user knows which modalities an archive holds), as every
+MedMoE system unless it sets its own experts), modality_labels (the ablation that trains the routers on realmed's
+`modality` column, the column zero-shot accuracy and purity are scored against: never the headline), medmoe_seed43
+(the same as medmoe, a second seed),
 single_expert, preset_experts (the preset's six experts, the paper's modalities), local_loss_on, local_loss_0.25,
 router_text_teacher, expert_depth_3, router_last_level (the paper's router, on the coarsest level only), text_tower_256
 (the anchor's text width and depth), no_sentence_sampling (each changes one thing), open_clip (random-init CLIP of about
@@ -47,8 +50,9 @@ if __package__ in (None, ""):
 from benchmarks.common import print_json  # noqa: E402
 from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES  # noqa: E402
 
-MEDMOE_SYSTEMS = {
+MEDMOE_SYSTEMS = {  # every MedMoE system reads report types from the report text, as the paper does
     "medmoe": [],
+    "modality_labels": ["--report_type_column", "modality"],  # ablation: the scored modality column as labels
     "medmoe_seed43": ["--seed", "43"],  # the same system, a second seed
     "single_expert": ["--num_experts", "1"],
     "local_loss_on": ["--local_loss_weight", "1"],
@@ -174,7 +178,7 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
         extra = [argument.format(train_modalities=modalities) for argument in extra]
     command = [
         sys.executable, "training/pretrain.py", "--dataset_name", str(args.data), "--preset", "small",
-        "--report_type_column", "modality", "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_train_batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
         "--sentence_sampling", str(args.sentence_sampling), "--warmup_steps", str(max(1, max_steps // 10)),
         "--max_steps", str(max_steps), "--eval_steps", "0", "--logging_steps", str(logging_steps(args)),

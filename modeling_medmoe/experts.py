@@ -87,6 +87,15 @@ class RouterMLP(nn.Sequential):
         super().__init__(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, num_experts))
 
 
+def several_processes() -> bool:
+    """Training runs in more than one process (torch.distributed is set up with a world larger than one)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 class MixtureOfModalityExperts(nn.Module):
     """K experts with hard top-1 dispatch.
 
@@ -141,9 +150,11 @@ class MixtureOfModalityExperts(nn.Module):
         restore = torch.argsort(order)
         local_map = torch.cat(local_maps).index_select(0, restore)
         idle = [expert for expert, size in zip(self.experts, group_sizes) if size == 0]
-        if idle and torch.is_grad_enabled():
+        if idle and torch.is_grad_enabled() and several_processes():
             # Zero-valued use of the idle experts' weights: every process then gives every weight a gradient, as
-            # data-parallel wrappers that reduce gradients in buckets (FSDP2) need.
+            # data-parallel wrappers that reduce gradients in buckets (FSDP2) need. Only then: in one process an
+            # idle expert keeps no gradient, so AdamW leaves it as it is (a zero gradient would still move it by
+            # weight decay and momentum).
             local_map = local_map + 0.0 * sum(parameter.sum() for expert in idle for parameter in expert.parameters())
         return local_map, torch.cat(scale_attentions).index_select(0, restore)
 

@@ -140,6 +140,9 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     assert realmed.train_modalities(tiny_realmed) == ["X-ray", "CT", "MRI", "ultrasound", "pathology", "fundus"]
     command = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["medmoe"], 9, 2)
     assert command[command.index("--expert_names") + 1] == "X-ray,CT,MRI,ultrasound,pathology,fundus"
+    assert "--report_type_column" not in command  # report types come from the report text
+    labelled = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["modality_labels"], 9, 2)
+    assert labelled[labelled.index("--report_type_column") + 1] == "modality"  # the ablation, named as such
     single = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["single_expert"], 9, 2)
     assert "--expert_names" not in single  # a system that sets its own experts keeps them
     assert command[command.index("--sentence_sampling") + 1] == "0.5" and command[-2:] == ["--max_train_minutes", "2"]

@@ -17,6 +17,7 @@ SCRIPTS = {  # how a command names a script -> the module whose parse_args reads
     "training/pretrain.py": "training.pretrain",
     "training/run_evaluation.py": "training.run_evaluation",
     "training/finetune.py": "training.finetune",
+    "training/export.py": "training.export",
     "medmoe-index": "training.index",
     "medmoe-search": "training.search",
     **{

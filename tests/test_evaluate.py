@@ -190,3 +190,22 @@ def test_zero_shot_scores_are_the_model_package_scores(model_folder, tmp_path):
     predicted = model.zero_shot_probabilities(embedded.image_embeds, class_embeds).argmax(dim=1).numpy()
     truth = np.array([classes.index(value) for value in embedded.metadata["modality"]])
     assert result["metrics"]["zero_shot/accuracy"] == pytest.approx(float((predicted == truth).mean()))
+
+
+def test_evaluation_reads_reports_at_the_length_the_model_was_trained_with(nano_folder, tmp_path):
+    """pretrain.py saves the tokenizer with model_max_length = --max_length; the evaluation tokenises at that length
+    unless --max_length says otherwise (a model trained on 48 tokens was once scored on 128)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(nano_folder, trust_remote_code=True)
+    processor.tokenizer.model_max_length = 12
+    arguments = ["--model", str(nano_folder), "--output_dir", str(tmp_path), "--max_samples", "8"]
+    unused_model = torch.nn.Identity()
+    evaluation = evaluate_script.Evaluation(evaluate_script.parse_args(arguments), unused_model, processor, ["CT"])
+    assert evaluation.max_length == 12
+    batch = next(iter(evaluation.loader("eval", 8)))
+    assert batch["input_ids"].shape[1] <= 12
+    override = evaluate_script.parse_args([*arguments, "--max_length", "40"])
+    assert evaluate_script.Evaluation(override, unused_model, processor, ["CT"]).max_length == 40
+    processor.tokenizer.model_max_length = int(1e30)  # transformers' "no limit"
+    assert evaluate_script.training_length(processor.tokenizer) == 128

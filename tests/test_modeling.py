@@ -241,3 +241,24 @@ def test_compiled_towers_give_the_eager_loss_and_gradients(model, batch):
         results.append((out.loss.detach(), gradients))
     assert [name for name, _ in model.named_parameters()] == names  # checkpoints keep their keys
     torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-4)
+
+
+def test_an_idle_expert_is_unchanged_by_a_one_process_step(model, batch):
+    """In one process an expert that no image of the batch chose gets no gradient, so AdamW (weight decay, momentum)
+    leaves it as it is; the zero-valued use that hands idle experts a gradient is for several processes only
+    (FSDP2 must reduce the same gradients everywhere; tests/test_distributed.py covers that case)."""
+    from training.loop import build_optimizer
+
+    optimizer = build_optimizer(model, learning_rate=1e-2, weight_decay=0.5)
+    chosen = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])  # experts 2-5 stay idle
+    used = model.vision_model.experts.experts[0].projections[0][0].weight
+    used_before = used.detach().clone()
+    for _ in range(2):  # the second step would move them by momentum as well
+        before = [parameter.detach().clone() for parameter in model.vision_model.experts.experts[3].parameters()]
+        out = model(**batch, expert_index=chosen, return_loss=True)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = list(model.vision_model.experts.experts[3].parameters())
+        assert all(torch.equal(old, new) for old, new in zip(before, after))
+    assert not torch.equal(used_before, used)  # the chosen experts trained

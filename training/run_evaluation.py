@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_visualizations", type=int, default=4, help="samples drawn as attention pictures")
     parser.add_argument("--max_pointing_samples", type=int, default=512, help="rows scored by the pointing game")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        help="report length in tokens (default: the length the model was trained with, its tokenizer's)",
+    )
     parser.add_argument("--torch_compile", action="store_true", help="torch.compile the backbone and the text tower")
     parser.add_argument(
         "--backend",
@@ -77,6 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.backend == "onnx" and "attention" in args.tasks:
         parser.error("--backend onnx gives image embeddings only; leave out the attention task (--tasks)")
     return args
+
+
+UNSET_TOKENIZER_LENGTH = 100_000  # transformers' stand-in for "no limit" is far above any real one
+
+
+def training_length(tokenizer, fallback: int = 128) -> int:
+    """The report length a model was trained with: pretrain.py saves its tokenizer with model_max_length set to
+    --max_length; a tokenizer without a real limit gives `fallback`."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length and length < UNSET_TOKENIZER_LENGTH else fallback
 
 
 class Evaluation:
@@ -98,6 +113,7 @@ class Evaluation:
         self.metrics: dict[str, float] = {}
         self.details: dict[str, object] = {}
         self.pictures: list[str] = []
+        self.max_length = args.max_length or training_length(processor.tokenizer)
 
     def loader(self, which: str, max_rows: int | None, batch_size: int | None = None):
         stream, image_column, text_column = data_module.open_stream(self.options, which)
@@ -113,6 +129,7 @@ class Evaluation:
             metadata_columns=(self.args.label_column, *self.args.probe_columns, "finding", "finding_box"),
             num_workers=self.args.num_workers,
             max_rows=max_rows,
+            max_length=self.max_length,
         )
 
     def embed(self, which: str, max_rows: int | None) -> EmbeddedSet:
