@@ -19,7 +19,10 @@ DICOM_MAGIC_OFFSET = 128  # a DICOM file is a 128-byte preamble, then b"DICM"
 PIXEL_DATA_TAG = 0x7FE00010
 HEADER_DEFER_BYTES = 4096  # header values larger than this are not read until used (the pixel data never is here)
 HEADER_INFLATE_BYTES = 1 << 20  # of a deflated file, this much is inflated to read its header
-CODEC_PACKAGES = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or: pip install python-gdcm)"
+CODEC_PACKAGES = (
+    'pip install "medmoe[dicom]" (pylibjpeg with pylibjpeg-libjpeg, -openjpeg and -rle), or pip install python-gdcm'
+)
+DECODER_MODULES = ("pylibjpeg", "gdcm")
 
 
 @dataclass
@@ -93,6 +96,8 @@ def dicom_frame(dataset, frame: int | None, limits: InputLimits) -> DicomPixels:
         count = f"{frames} frames" if frames > 1 else "one frame"
         raise ValueError(f"frame={frame} is out of range: this DICOM has {count}.")
     pixels = decoded_frame(dataset, index % frames)
+    if not pixels.dtype.isnative:  # big-endian files decode to big-endian arrays, which torch cannot take
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
     if int(dataset.get("SamplesPerPixel") or 1) > 1:
         return DicomPixels(torch.as_tensor(pixels), None, None, inverted=False, color=True)
 
@@ -186,14 +191,21 @@ def decoded_frame(dataset, index: int):
         return pixel_array(dataset, index=index)
     except (RuntimeError, NotImplementedError) as error:
         if syntax is not None and syntax.is_compressed:
-            reason = str(error).splitlines()[0]
+            reason = " ".join(line.strip() for line in str(error).splitlines()[:2])
+            hint = "" if decoders_installed() else f" Install a decoder: {CODEC_PACKAGES}."
             raise ValueError(
-                f"Cannot decode this DICOM's pixel data, compressed as {syntax.name!r}: {reason} "
-                f"Install a decoder: {CODEC_PACKAGES}."
+                f"Cannot decode this DICOM's pixel data, compressed as {syntax.name!r}: {reason}{hint}"
             ) from error
         raise ValueError(f"Cannot decode this DICOM's pixel data: {error}") from error
     except (AttributeError, ValueError, KeyError, TypeError, IndexError) as error:
         raise ValueError(f"Cannot read this DICOM's pixel data: {error}") from error
+
+
+def decoders_installed() -> bool:
+    """pylibjpeg or GDCM, pydicom's decoders for compressed transfer syntaxes, can be imported."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in DECODER_MODULES)
 
 
 def recommended_window(dataset) -> tuple[float, float] | None:

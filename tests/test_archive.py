@@ -39,7 +39,7 @@ def image_folder(tmp_path_factory, phantoms):
         folder.mkdir(parents=True, exist_ok=True)
         row["image"].save(folder / f"{number:03d}.png")
     shutil.copyfile(get_testdata_file("CT_small.dcm", download=False), root / "CT" / "series_1")
-    shutil.copyfile(get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False), root / "MRI" / "lossless.dcm")
+    shutil.copyfile(get_testdata_file("JPEG-lossy.dcm", download=False), root / "MRI" / "lossless.dcm")
     (root / "broken.png").write_bytes(b"not a png")
     return root
 

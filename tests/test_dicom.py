@@ -111,15 +111,37 @@ def test_colour_dicom_keeps_its_channels(processor):
     assert unit.shape[0] == 3 and not torch.equal(unit[0], unit[2])
 
 
-def test_a_compressed_dicom_without_its_codec_names_the_package(processor):
-    path = bundled("MR_small_jpeg_ls_lossless.dcm")
-    try:
-        pydicom.dcmread(path).pixel_array
-        pytest.skip("a JPEG-LS decoder is installed here")
-    except RuntimeError:
-        pass
-    with pytest.raises(ValueError, match="JPEG-LS Lossless.*pip install pylibjpeg pylibjpeg-libjpeg"):
-        processor(path)
+def test_a_compressed_dicom_without_its_codec_names_the_package(processor, monkeypatch):
+    import pydicom.pixels
+
+    from modeling_medmoe import dicom
+
+    def no_decoder(*args, **kwargs):
+        raise RuntimeError("Unable to decode as there are no pixel data plugins available")
+
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", no_decoder)
+    monkeypatch.setattr(dicom, "DECODER_MODULES", ("no_such_decoder",))
+    with pytest.raises(ValueError, match='JPEG-LS Lossless.*pip install "medmoe\\[dicom\\]"'):
+        processor(bundled("MR_small_jpeg_ls_lossless.dcm"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm",
+     "MR_small_expb.dcm", "MR_small_implicit.dcm"],
+)  # fmt: skip
+def test_lossless_and_big_endian_encodings_give_the_uncompressed_pixels(name):
+    """With the dicom extra's decoders (pylibjpeg), JPEG-LS, RLE and JPEG 2000 lossless and big-endian files hold
+    exactly the pixels of MR_small.dcm."""
+    pytest.importorskip("pylibjpeg")
+    torch.testing.assert_close(read_dicom(bundled(name)).values, read_dicom(bundled("MR_small.dcm")).values)
+
+
+def test_a_lossy_jpeg_dicom_decodes_close_to_the_original():
+    pytest.importorskip("pylibjpeg")
+    lossy = read_dicom(bundled("SC_rgb_jpeg_dcmtk.dcm")).values.float()
+    original = read_dicom(bundled("SC_rgb_rle.dcm")).values.float()  # RLE is lossless
+    assert lossy.shape == original.shape and (lossy - original).abs().mean() < 5
 
 
 def test_a_truncated_dicom_gives_a_clear_error(processor):

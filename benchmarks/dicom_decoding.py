@@ -1,0 +1,81 @@
+"""How much of a real DICOM archive the image processor reads: pydicom's bundled test files that hold pixel data.
+
+    python benchmarks/dicom_decoding.py            # the share decoded, and each file that was not, with the reason
+
+pydicom's wheel bundles real DICOM files in many transfer syntaxes (uncompressed little and big endian, deflated,
+JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, RLE), with and without the 128-byte preamble. Each file
+that holds pixel data goes through `MedMoEImageProcessor.to_display` (what medmoe-index does with a file); the
+compressed ones need the `dicom` extra's decoders (pylibjpeg with its libjpeg, openjpeg and rle plugins). Prints the
+decoders found, a line per file that could not be read, and JSON with the share decoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.common import print_json  # noqa: E402
+from modeling_medmoe import MedMoEImageProcessor  # noqa: E402
+
+DECODERS = ("pylibjpeg", "libjpeg", "openjpeg", "rle", "gdcm")
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # pixel data, float and double float pixel data
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="also list the files that were decoded")
+    return parser.parse_args(argv)
+
+
+def files_with_pixel_data() -> list[Path]:
+    """pydicom's bundled test files (no download) whose dataset holds pixel data."""
+    import pydicom
+    from pydicom.data import get_testdata_files
+
+    found = []
+    for name in sorted(set(get_testdata_files("*"))):
+        path = Path(name)
+        if path.suffix.lower() not in ("", ".dcm") or not path.is_file():
+            continue
+        try:
+            dataset = pydicom.dcmread(path, force=True, defer_size=1024)
+        except Exception:  # noqa: BLE001 - a file pydicom cannot parse at all is no DICOM image to count
+            continue
+        if any(tag in dataset for tag in PIXEL_DATA_TAGS):
+            found.append(path)
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    installed = [name for name in DECODERS if importlib.util.find_spec(name) is not None]
+    print(f"Decoders installed: {', '.join(installed) or 'none'}")
+    processor = MedMoEImageProcessor(size={"height": 64, "width": 64})
+    failures, reasons = [], Counter()
+    files = files_with_pixel_data()
+    for path in files:
+        try:
+            processor.to_display(str(path))
+            if args.verbose:
+                print(f"  ok      {path.name}")
+        except (ValueError, OSError) as error:
+            reason = str(error).splitlines()[0][:110]
+            failures.append((path.name, reason))
+            reasons[reason.split(":")[0]] += 1
+    for name, reason in failures:
+        print(f"  failed  {name}: {reason}")
+    decoded = len(files) - len(failures)
+    print(f"Decoded {decoded} of {len(files)} bundled DICOM files with pixel data ({decoded / len(files):.1%}).")
+    summary = {"dicom_files_with_pixel_data": len(files), "decoded": decoded, "decoded_share": decoded / len(files)}
+    print_json(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
