@@ -140,3 +140,35 @@ def test_search_command_filters_by_expert_and_writes_a_contact_sheet(nano_folder
         assert picture.width == 5 * 128
     with pytest.raises(SystemExit, match="Unknown expert 'dermoscopy'"):
         search_script.main(["--index", str(out), "--text", "x", "--expert", "dermoscopy"])
+
+
+def test_dicom_studies_and_series_are_indexed_searched_and_grouped(nano_folder, tmp_path, capsys):
+    """DICOM tags become index columns; --modality filters on the file's own tag, --group series answers once per
+    series with how many of its instances matched."""
+    import pydicom
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    for series in range(2):
+        for instance in range(3):
+            source.StudyInstanceUID, source.SeriesInstanceUID = "1.2.3", f"1.2.3.{series}"
+            source.SOPInstanceUID, source.Modality = f"1.2.3.{series}.{instance}", "CT" if series == 0 else "MR"
+            source.save_as(folder / f"s{series}_i{instance}.dcm")
+    out = tmp_path / "index"
+    run_index(["--model", str(nano_folder), "--images", str(folder), "--output_dir", str(out)])
+    searcher = ArchiveSearch(out, str(nano_folder))
+    row = searcher.dataset[0]
+    assert row["study_uid"] == "1.2.3" and row["modality"] in ("CT", "MR") and row["frame"] == 0
+    assert row["patient_id"] == str(source.PatientID)
+    query = searcher.text_query("Axial CT of the chest.")
+    assert {hit["modality"] for hit in searcher.search(query, k=6, where={"modality": "CT"})} == {"CT"}
+    grouped = searcher.search(query, k=5, group="series_uid")
+    assert sorted(hit["series_uid"] for hit in grouped) == ["1.2.3.0", "1.2.3.1"]
+    assert [hit["matches"] for hit in grouped] == [3, 3]
+    capsys.readouterr()
+    search_script.main(["--index", str(out), "--text", "chest", "--modality", "MR", "--group", "series", "--json"])
+    hits = json.loads(capsys.readouterr().out)
+    assert [(hit["series_uid"], hit["matches"]) for hit in hits] == [("1.2.3.1", 3)]
+    with pytest.raises(ValueError, match="no column 'accession'"):
+        searcher.search(query, k=1, where={"accession": "x"})

@@ -5,7 +5,9 @@ lives in (training/index.py builds it, training/search.py queries it).
     OUT/progress.json                source rows read so far and skipped rows by reason, written after each chunk
     OUT/skipped.jsonl                every skipped row: {"id", "path", "reason", "detail"}, one per line
     OUT/dataset/                     the finished `datasets` dataset (save_to_disk): id, path, embedding, expert,
-                                     expert_index, thumbnail, and the source's metadata columns
+                                     expert_index, thumbnail, and the source's metadata columns (for a folder: its
+                                     sub-folder and the DICOM patient, study, series, instance, modality, body part,
+                                     study date, series description and embedded frame)
     OUT/embedding.faiss              its FAISS index on `embedding` (inner product = cosine similarity: the
                                      embeddings are L2-normalised)
     OUT/index_info.json              the model, the source, rows, skipped rows, dimension, index type, experts
@@ -25,9 +27,19 @@ from pathlib import Path
 import datasets
 import torch
 
-from modeling_medmoe.dicom import is_dicom_file
+from modeling_medmoe.dicom import is_dicom_bytes, is_dicom_file
 from training import data as data_module
 
+DICOM_FIELDS = {  # index column -> DICOM keyword (strings as the file holds them; None for other images)
+    "patient_id": "PatientID",
+    "study_uid": "StudyInstanceUID",
+    "series_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "modality": "Modality",
+    "body_part": "BodyPartExamined",
+    "study_date": "StudyDate",
+    "series_description": "SeriesDescription",
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 INDEX_TYPES = ("flat", "ivf")
 FAISS_FILE = "embedding.faiss"
@@ -88,14 +100,35 @@ def folder_rows(folder: str | Path) -> Iterator[ArchiveRow]:
                 yield problem_row(root, path, problem)
                 continue
             relative = path.relative_to(root)
-            yield ArchiveRow(str(relative), str(path), str(path.resolve()), {"folder": str(relative.parent)})
+            metadata = {"folder": str(relative.parent), **dicom_metadata(path if is_dicom_file(path) else None)}
+            yield ArchiveRow(str(relative), str(path), str(path.resolve()), metadata)
     for error in unreadable_folders:
         yield problem_row(root, Path(error.filename), "unreadable_folder")
 
 
 def problem_row(root: Path, path: Path, problem: str) -> ArchiveRow:
     relative = path.relative_to(root)
-    return ArchiveRow(str(relative), None, str(path), {"folder": str(relative.parent)}, problem=problem)
+    metadata = {"folder": str(relative.parent), **dicom_metadata(None)}
+    return ArchiveRow(str(relative), None, str(path), metadata, problem=problem)
+
+
+def dicom_metadata(source) -> dict:
+    """The study, series and patient fields of a DICOM file (path or bytes; its header only) as index columns, and
+    `frame`, the frame that is embedded (the middle one); all None for another image or an unreadable header."""
+    empty = {**dict.fromkeys(DICOM_FIELDS), "frame": None}
+    if source is None or not (is_dicom_bytes(source) or isinstance(source, (str, Path))):
+        return empty
+    try:
+        import pydicom
+
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        header = pydicom.dcmread(handle, stop_before_pixels=True, force=True, defer_size=1024)
+        fields = {column: header.get(keyword) for column, keyword in DICOM_FIELDS.items()}
+        frames = int(header.get("NumberOfFrames") or 1)
+    except Exception:  # noqa: BLE001 - a header that does not parse leaves the fields empty; decoding says why
+        return empty
+    return {**{column: None if value is None else str(value) for column, value in fields.items()},
+            "frame": frames // 2}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -156,9 +189,11 @@ def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: 
 
 
 def metadata_features(stream: datasets.IterableDataset | None, image_column: str, id_column: str | None) -> dict:
-    """The metadata columns' features: the stream's declared scalar features, or `folder` for a folder."""
+    """The metadata columns' features: the stream's declared scalar features, or for a folder `folder` and the DICOM
+    fields (DICOM_FIELDS and `frame`)."""
     if stream is None:
-        return {"folder": datasets.Value("string")}
+        dicom = {column: datasets.Value("string") for column in DICOM_FIELDS}
+        return {"folder": datasets.Value("string"), **dicom, "frame": datasets.Value("int32")}
     declared = stream.features or {}
     return {
         name: feature

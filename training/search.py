@@ -2,11 +2,14 @@
 
     medmoe-search --index outputs/archive-index --text "axial CT with a hypodense liver lesion" --k 10
     medmoe-search --index outputs/archive-index --image query.dcm --window lung --expert CT --contact_sheet hits.png
+    medmoe-search --index outputs/archive-index --text "pulmonary nodule" --modality CT --group series
 
 Prints the top-k rows (rank, cosine similarity, id, the expert that embedded the image, path) and, with
 --contact_sheet, writes a PNG grid of the hits. The model is the one the index was built with (index_info.json),
-unless --model names another with the same embedding space. --expert keeps only images routed to that expert
-(e.g. the modality).
+unless --model names another with the same embedding space. --expert keeps only images routed to that expert;
+--modality, --study and --patient filter on the DICOM tags the index stores (--modality CT: the file's own Modality
+tag, not the router's guess); --group series|study answers with the best image of each series or study and how many
+of its images matched.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     query.add_argument("--image", help="an example image or DICOM file")
     parser.add_argument("--k", type=positive_int, default=10, help="how many rows to return")
     parser.add_argument("--expert", help="only images routed to this expert (one of the model's expert names)")
+    parser.add_argument("--modality", help="only DICOM images whose Modality tag is this (CT, MR, CR, US, ...)")
+    parser.add_argument("--study", help="only the DICOM study with this StudyInstanceUID")
+    parser.add_argument("--patient", help="only the DICOM images of this PatientID")
+    parser.add_argument(
+        "--group",
+        choices=("series", "study"),
+        help="one answer per series or study: its best image and how many matched",
+    )
     parser.add_argument("--window", help="DICOM window of the query image: a CT preset or C,W")
     parser.add_argument("--contact_sheet", type=Path, help="write a PNG grid of the hits here")
     parser.add_argument("--json", action="store_true", help="print the hits as JSON instead of a table")
@@ -75,24 +86,48 @@ class ArchiveSearch:
         pixel_values = self.image_processor(images=[image], window=window)["pixel_values"]
         return self.embed_images(pixel_values)[0][0]
 
-    def search(self, query: torch.Tensor, k: int, expert: str | None = None) -> list[dict]:
-        """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`.
-        Each hit is the row (without its embedding) with `score` and `rank`."""
+    def search(
+        self, query: torch.Tensor, k: int, expert: str | None = None, where: dict | None = None,
+        group: str | None = None,
+    ) -> list[dict]:  # fmt: skip
+        """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`
+        and those whose columns equal `where`'s values (e.g. {"modality": "CT"}, the DICOM tag). With `group` (a
+        column such as series_uid), the k best groups instead: each its best row, with `matches`, how many of its
+        rows were among the hits. Each hit is the row (without its embedding) with `score` and `rank`."""
         if expert is not None and expert not in self.info["expert_names"]:
             raise ValueError(f"Unknown expert {expert!r}; the model's experts are {self.info['expert_names']}.")
+        where = {**(where or {}), **({"expert": expert} if expert is not None else {})}
+        for column in [*where, *([group] if group else [])]:
+            if column not in self.dataset.column_names:
+                raise ValueError(f"The index has no column {column!r}; it has {self.dataset.column_names}.")
         total = len(self.dataset)
-        wanted = min(k if expert is None else 4 * k, total)
-        while True:  # with a filter, widen the search until k hits pass it or the archive is exhausted
+        wanted = min(k if not where and not group else 4 * k, total)
+        while True:  # with a filter or groups, widen the search until k answers or the archive is exhausted
             scores, rows = self.dataset.get_nearest_examples("embedding", query.numpy().astype(np.float32), k=wanted)
             hits = [
                 {"score": float(score), **{key: rows[key][position] for key in rows if key != "embedding"}}
                 for position, score in enumerate(scores)
             ]
-            if expert is not None:
-                hits = [hit for hit in hits if hit["expert"] == expert]
+            hits = [hit for hit in hits if all(hit[column] == value for column, value in where.items())]
+            if group:
+                hits = best_per_group(hits, group)
             if len(hits) >= k or wanted >= total:
                 return [{"rank": rank, **hit} for rank, hit in enumerate(hits[:k], start=1)]
             wanted = min(2 * wanted, total)
+
+
+def best_per_group(hits: list[dict], column: str) -> list[dict]:
+    """The best hit of each value of `column` (hits are best first), with `matches`: that value's number of hits.
+    Rows without a value (e.g. not DICOM) are left out."""
+    best: dict = {}
+    for hit in hits:
+        key = hit[column]
+        if key is None:
+            continue
+        if key not in best:
+            best[key] = {**hit, "matches": 0}
+        best[key]["matches"] += 1
+    return list(best.values())
 
 
 def contact_sheet(hits: list[dict], path: Path, tile: int = 128, columns: int = 5) -> None:
@@ -140,7 +175,13 @@ def main(argv: list[str] | None = None) -> None:
             query = searcher.text_query(args.text)
         else:
             query = searcher.image_query(args.image, args.window)
-        hits = searcher.search(query, args.k, args.expert)
+        where = {
+            column: value
+            for column, value in (("modality", args.modality), ("study_uid", args.study), ("patient_id", args.patient))
+            if value is not None
+        }
+        group = {"series": "series_uid", "study": "study_uid"}.get(args.group)
+        hits = searcher.search(query, args.k, args.expert, where, group)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     shown = [{key: value for key, value in hit.items() if key != "thumbnail"} for hit in hits]
@@ -149,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for hit in shown:
             path = printable(hit.get("path") or "")
-            print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {printable(hit['id'])}  {path}")
+            grouped = f"  {hit[group]} ({hit['matches']} matched)" if group else ""
+            print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {printable(hit['id'])}  {path}{grouped}")
     if args.contact_sheet:
         contact_sheet(hits, args.contact_sheet)
         print(f"Contact sheet: {args.contact_sheet}")
