@@ -172,3 +172,32 @@ def test_dicom_studies_and_series_are_indexed_searched_and_grouped(nano_folder, 
     assert [(hit["series_uid"], hit["matches"]) for hit in hits] == [("1.2.3.1", 3)]
     with pytest.raises(ValueError, match="no column 'accession'"):
         searcher.search(query, k=1, where={"accession": "x"})
+
+
+def test_a_deidentified_index_holds_pseudonyms_that_group_alike_under_one_key(nano_folder, tmp_path, monkeypatch):
+    import pydicom
+
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    source.PatientID, source.StudyDate = "HOSP-0042", "20260301"
+    for instance in range(2):
+        source.SOPInstanceUID = f"1.2.3.4.{instance}"
+        source.save_as(folder / f"Doe^John_{instance}.dcm")
+    arguments = ["--model", str(nano_folder), "--images", str(folder), "--deidentify"]
+    with pytest.raises(ValueError, match="needs a secret key"):
+        run_index([*arguments, "--output_dir", str(tmp_path / "no_key")])
+    monkeypatch.setenv("MEDMOE_DEIDENTIFY_KEY", "a secret of the hospital's, 32 bytes")
+    info = run_index([*arguments, "--output_dir", str(tmp_path / "first")])
+    run_index([*arguments, "--output_dir", str(tmp_path / "second")])
+    assert info["holds"]["file_paths"] is False and info["holds"]["thumbnails"] is False
+    first, second = (ArchiveSearch(tmp_path / name, str(nano_folder)).dataset for name in ("first", "second"))
+    assert first["patient_id"] == second["patient_id"] and len(set(first["patient_id"])) == 1
+    assert len(set(first["sop_instance_uid"])) == 2 and first["modality"] == ["CT", "CT"]
+    stored = json.dumps(first.remove_columns(["embedding"]).to_list(), default=str)
+    for identifier in ("HOSP-0042", "20260301", "Doe^John", "1.2.3.4.0", str(folder)):
+        assert identifier not in stored, identifier
+    monkeypatch.setenv("MEDMOE_DEIDENTIFY_KEY", "another hospital's secret, 32 bytes")
+    other = run_index([*arguments, "--output_dir", str(tmp_path / "other_key")])
+    assert other["rows"] == 2
+    assert ArchiveSearch(tmp_path / "other_key", str(nano_folder)).dataset["patient_id"] != first["patient_id"]

@@ -33,6 +33,7 @@ from modeling_medmoe import MedMoEImageProcessor
 from modeling_medmoe.dicom import is_dicom
 from modeling_medmoe.limits import InputTooLarge
 from training import archive
+from training.deidentify import Pseudonymizer, index_holdings
 
 CHUNK_PATTERN = "chunk-{:05d}.parquet"
 
@@ -59,6 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--chunk_size", type=int, default=1024, help="rows per chunk written (the resume unit)")
     parser.add_argument("--max_rows", type=int, help="index at most this many source rows")
+    parser.add_argument(
+        "--deidentify",
+        action="store_true",
+        help="store keyed-hash pseudonyms instead of paths, patient ids, UIDs and dates, and no thumbnails "
+        "(training/deidentify.py says why it is off by default)",
+    )
+    parser.add_argument(
+        "--deidentify_key_file", type=Path, help="the secret key's file (default: the MEDMOE_DEIDENTIFY_KEY variable)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--backend",
@@ -79,12 +89,16 @@ class ChunkWriter:
     to OUT/skipped.jsonl, updating the progress file after each one, so that a restart loses at most the rows of an
     unfinished chunk (and lists no skipped row twice)."""
 
-    def __init__(self, output_dir: Path, features: datasets.Features, progress: dict, chunk_size: int):
+    def __init__(
+        self, output_dir: Path, features: datasets.Features, progress: dict, chunk_size: int,
+        pseudonymizer: Pseudonymizer | None = None,
+    ):  # fmt: skip
         self.chunks_dir = output_dir / "chunks"
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.progress_path = output_dir / "progress.json"
         self.skipped_path = output_dir / archive.SKIPPED_FILE
         self.features, self.progress, self.chunk_size = features, progress, chunk_size
+        self.pseudonymizer = pseudonymizer  # identifiers are replaced before anything is written
         self.records: list[dict] = []
         self.rows_read_since_chunk = 0
         self.skipped_since_chunk: list[dict] = []
@@ -96,6 +110,9 @@ class ChunkWriter:
         archive.write_text_atomically(self.skipped_path, "".join(lines[:count]))
 
     def add(self, records: list[dict], rows_read: int, skipped: list[dict]) -> None:
+        if self.pseudonymizer is not None:
+            records = [self.pseudonymizer.row(record) for record in records]
+            skipped = [self.pseudonymizer.row(entry) for entry in skipped]
         self.records.extend(records)
         self.rows_read_since_chunk += rows_read
         self.skipped_since_chunk.extend(skipped)
@@ -237,13 +254,18 @@ def main(argv: list[str] | None = None) -> None:
 def index_archive(args: argparse.Namespace) -> dict:
     """Embed the archive `args` names into args.output_dir (resuming a run cut short) and index it; returns
     index_info.json's content."""
+    pseudonymizer = Pseudonymizer.from_key_file_or_environment(args.deidentify_key_file) if args.deidentify else None
+    thumbnail_size = 0 if pseudonymizer else args.thumbnail_size
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     # this package's image processor with the folder's saved settings: it reads DICOM whatever the folder's code age
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
     source = archive.ArchiveSource(
         args.images, args.files, args.dataset_name, args.split, args.image_column, args.id_column
     )
-    described = source_description(source, args.window, args.max_rows)
+    described = {
+        **source_description(source, args.window, args.max_rows),
+        **({"deidentified": True} if pseudonymizer else {}),
+    }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     progress = archive.read_json(args.output_dir / "progress.json")
     if progress is not None and (progress["source"] != described or progress["model"] != args.model):
@@ -257,12 +279,12 @@ def index_archive(args: argparse.Namespace) -> dict:
         print(f"Resuming after {progress['rows_read']} rows ({progress['chunks']} chunks) in {args.output_dir}.")
     rows, metadata = source.open()
     features = archive.index_features(metadata, model.config.projection_dim)
-    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size)
+    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size, pseudonymizer)
     start = time.perf_counter()
     embedder = archive.ImageEmbedder(model, args.model, args.backend)
     print(f"Image side on {embedder.name}.")
     embed_archive(rows, embedder, image_processor, writer, skip=progress["rows_read"], batch_size=args.batch_size,
-                  max_rows=args.max_rows, window=args.window, thumbnail_size=args.thumbnail_size)  # fmt: skip
+                  max_rows=args.max_rows, window=args.window, thumbnail_size=thumbnail_size)  # fmt: skip
     embed_seconds = time.perf_counter() - start
     dataset, index_seconds = build_index(args.output_dir, args.index)
     info = {
@@ -275,6 +297,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         "dimension": model.config.projection_dim,
         "index": args.index,
         "backend": embedder.name,
+        "holds": index_holdings(pseudonymizer, thumbnail_size),
         "expert_names": list(model.config.expert_names),
         "window": args.window,
         "embed_seconds_this_run": round(embed_seconds, 2),
