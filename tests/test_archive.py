@@ -201,3 +201,26 @@ def test_a_deidentified_index_holds_pseudonyms_that_group_alike_under_one_key(na
     other = run_index([*arguments, "--output_dir", str(tmp_path / "other_key")])
     assert other["rows"] == 2
     assert ArchiveSearch(tmp_path / "other_key", str(nano_folder)).dataset["patient_id"] != first["patient_id"]
+
+
+def test_a_killed_run_keeps_its_finished_rows_whatever_the_chunk_size(nano_folder, image_folder, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    """With the default chunk of 1,024 rows a small archive never fills one; chunks are also written after
+    --flush_seconds, so a run killed after a few batches keeps them and the rerun goes on from there."""
+    arguments = ["--model", str(nano_folder), "--images", str(image_folder), "--batch_size", "4",
+                 "--flush_seconds", "0", "--output_dir", str(tmp_path / "index")]  # fmt: skip
+    add, calls = index_script.ChunkWriter.add, []
+
+    def add_then_crash(writer, *rest):
+        add(writer, *rest)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(index_script.ChunkWriter, "add", add_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(arguments)
+    monkeypatch.setattr(index_script.ChunkWriter, "add", add)
+    assert json.loads((tmp_path / "index" / "progress.json").read_text())["rows_read"] == 12
+    resumed = run_index(arguments)
+    assert resumed["rows_read"] == ROWS + 3 and resumed["rows"] == ROWS + 1

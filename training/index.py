@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--thumbnail_size", type=int, default=96, help="side of the stored thumbnails (0 = none)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--chunk_size", type=int, default=1024, help="rows per chunk written (the resume unit)")
+    parser.add_argument(
+        "--flush_seconds",
+        type=float,
+        default=60.0,
+        help="also write a chunk when this long has passed since the last, so a killed run loses at most that much",
+    )
     parser.add_argument("--max_rows", type=int, help="index at most this many source rows")
     parser.add_argument(
         "--deidentify",
@@ -85,13 +91,13 @@ def source_description(source: archive.ArchiveSource, window: str | None, max_ro
 
 
 class ChunkWriter:
-    """Collects embedded rows and writes them to OUT/chunks in chunks of `chunk_size`, with the skipped rows appended
-    to OUT/skipped.jsonl, updating the progress file after each one, so that a restart loses at most the rows of an
-    unfinished chunk (and lists no skipped row twice)."""
+    """Collects embedded rows and writes them to OUT/chunks in chunks of `chunk_size` rows or `flush_seconds` of
+    work, whichever comes first, with the skipped rows appended to OUT/skipped.jsonl, updating the progress file after
+    each one, so that a restart loses at most the rows of an unfinished chunk (and lists no skipped row twice)."""
 
     def __init__(
         self, output_dir: Path, features: datasets.Features, progress: dict, chunk_size: int,
-        pseudonymizer: Pseudonymizer | None = None,
+        pseudonymizer: Pseudonymizer | None = None, flush_seconds: float = 60.0,
     ):  # fmt: skip
         self.chunks_dir = output_dir / "chunks"
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +105,7 @@ class ChunkWriter:
         self.skipped_path = output_dir / archive.SKIPPED_FILE
         self.features, self.progress, self.chunk_size = features, progress, chunk_size
         self.pseudonymizer = pseudonymizer  # identifiers are replaced before anything is written
+        self.flush_seconds, self.last_flush = flush_seconds, time.monotonic()
         self.records: list[dict] = []
         self.rows_read_since_chunk = 0
         self.skipped_since_chunk: list[dict] = []
@@ -116,7 +123,7 @@ class ChunkWriter:
         self.records.extend(records)
         self.rows_read_since_chunk += rows_read
         self.skipped_since_chunk.extend(skipped)
-        if len(self.records) >= self.chunk_size:
+        if len(self.records) >= self.chunk_size or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -136,6 +143,7 @@ class ChunkWriter:
         self.progress["skipped_listed"] += len(self.skipped_since_chunk)
         archive.write_json_atomically(self.progress_path, self.progress)
         self.records, self.rows_read_since_chunk, self.skipped_since_chunk = [], 0, []
+        self.last_flush = time.monotonic()
 
 
 def embed_archive(
@@ -279,7 +287,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         print(f"Resuming after {progress['rows_read']} rows ({progress['chunks']} chunks) in {args.output_dir}.")
     rows, metadata = source.open()
     features = archive.index_features(metadata, model.config.projection_dim)
-    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size, pseudonymizer)
+    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size, pseudonymizer, args.flush_seconds)
     start = time.perf_counter()
     embedder = archive.ImageEmbedder(model, args.model, args.backend)
     print(f"Image side on {embedder.name}.")
