@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def embedding_throughput(preset: str, images: int, work: Path) -> float:
     """images/s of index_archive on `images` phantom PNGs with a random-init model of `preset`."""
+    from medmoe_archive import index
     from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
-    from training import index
     from training.synthetic import synthetic_stream
     from training.tokenizer import train_wordpiece_tokenizer
 
@@ -77,7 +77,7 @@ def index_figures(rows: int) -> dict:
     """Build flat and IVF indexes over `rows` vectors; build seconds, median query ms, IVF recall@10."""
     import datasets
 
-    from training.index import add_faiss_index
+    from medmoe_archive.index import add_faiss_index
 
     generator = np.random.default_rng(0)
     vectors = clustered_vectors(rows, generator)

@@ -14,9 +14,9 @@ pytest.importorskip("faiss")
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from training import index as index_script  # noqa: E402
-from training import search as search_script  # noqa: E402
-from training.search import ArchiveSearch  # noqa: E402
+from medmoe_archive import index as index_script  # noqa: E402
+from medmoe_archive import search as search_script  # noqa: E402
+from medmoe_archive.search import ArchiveSearch  # noqa: E402
 from training.synthetic import synthetic_stream  # noqa: E402
 
 from .test_data import write_parquet  # noqa: E402

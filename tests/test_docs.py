@@ -18,8 +18,8 @@ SCRIPTS = {  # how a command names a script -> the module whose parse_args reads
     "training/run_evaluation.py": "training.run_evaluation",
     "training/finetune.py": "training.finetune",
     "training/export.py": "training.export",
-    "medmoe-index": "training.index",
-    "medmoe-search": "training.search",
+    "medmoe-index": "medmoe_archive.index",
+    "medmoe-search": "medmoe_archive.search",
     **{
         f"benchmarks/{path.name}": f"benchmarks.{path.stem}"
         for path in (ROOT / "benchmarks").glob("*.py")

@@ -253,9 +253,9 @@ def archive_model(nano_folder):
 @given(entries=archive_entries())
 @FUZZ
 def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries, tmp_path_factory, memory_bound):
-    from training import archive
-    from training.archive import ImageEmbedder
-    from training.index import embed_batch
+    from medmoe_archive import archive
+    from medmoe_archive.archive import ImageEmbedder
+    from medmoe_archive.index import embed_batch
 
     folder = tmp_path_factory.mktemp("walk")
     for name, suffix, kind, data in entries:

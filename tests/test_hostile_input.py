@@ -202,8 +202,8 @@ def test_a_stream_without_a_usable_batch_ends_with_the_skip_counts(processor, na
 
 def test_medmoe_index_skips_lists_and_survives_bad_entries(nano_folder, tmp_path, capsys):
     pytest.importorskip("faiss")
-    from training import index as index_script
-    from training import search as search_script
+    from medmoe_archive import index as index_script
+    from medmoe_archive import search as search_script
 
     folder = tmp_path / "archive"
     folder.mkdir()

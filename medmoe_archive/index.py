@@ -10,7 +10,7 @@ finished, so an interrupted run started again with the same command resumes afte
 cannot be read or decoded (broken symlinks, special files, undecodable or oversized images) are skipped, counted by
 reason and listed with their paths in OUT/skipped.jsonl; special files are never opened. The result is a `datasets`
 dataset on disk (id, path, embedding, chosen expert, a thumbnail unless --thumbnail_size 0, the source's metadata
-columns) with a FAISS index (training/archive.py describes the folder); search it with medmoe-search.
+columns) with a FAISS index (medmoe_archive/archive.py describes the folder); search it with medmoe-search.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
+from medmoe_archive import archive
+from medmoe_archive.deidentify import Pseudonymizer, index_holdings
 from modeling_medmoe import MedMoEImageProcessor
 from modeling_medmoe.dicom import is_dicom
 from modeling_medmoe.limits import InputTooLarge
-from training import archive
-from training.deidentify import Pseudonymizer, index_holdings
 
 CHUNK_PATTERN = "chunk-{:05d}.parquet"
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--deidentify",
         action="store_true",
         help="store keyed-hash pseudonyms instead of paths, patient ids, UIDs and dates, and no thumbnails "
-        "(training/deidentify.py says why it is off by default)",
+        "(medmoe_archive/deidentify.py says why it is off by default)",
     )
     parser.add_argument(
         "--deidentify_key_file", type=Path, help="the secret key's file (default: the MEDMOE_DEIDENTIFY_KEY variable)"

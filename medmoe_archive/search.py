@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from medmoe_archive import archive
 from modeling_medmoe import MedMoEImageProcessor
-from training import archive
 
 
 def positive_int(text: str) -> int:

@@ -1,5 +1,5 @@
 """An image archive embedded for search: where its rows come from, how they are embedded, and the folder an index
-lives in (training/index.py builds it, training/search.py queries it).
+lives in (medmoe_archive/index.py builds it, medmoe_archive/search.py queries it).
 
     OUT/chunks/chunk-NNNNN.parquet   rows embedded so far, each chunk written atomically (kept for resuming)
     OUT/progress.json                source rows read so far and skipped rows by reason, written after each chunk
