@@ -27,7 +27,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from modeling_medmoe.dicom import is_dicom_bytes, is_dicom_file
+from modeling_medmoe.dicom import is_dicom, is_dicom_bytes, is_dicom_file
+from modeling_medmoe.limits import InputTooLarge
 from training import data as data_module
 
 DICOM_FIELDS = {  # index column -> DICOM keyword (strings as the file holds them; None for other images)
@@ -215,6 +216,31 @@ def index_features(metadata: dict, dimension: int) -> datasets.Features:
             **metadata,
         }
     )
+
+
+def prepare_rows(rows: list[ArchiveRow], image_processor, window: str | None):
+    """(model inputs [3, H, W] of the readable rows, those rows, their display images [3, H, W] in [0, 1], the
+    skipped rows as {"id", "path", "reason", "detail"}): each row decoded once (DICOM through `window`); a row that
+    cannot be read is skipped with its reason, never raised."""
+    pixels, kept, units, skipped = [], [], [], []
+    for row in rows:
+        reason, detail = row.problem, ""
+        if reason is None:
+            try:
+                unit = image_processor.to_display(row.image, window=window)
+            except FileNotFoundError as error:
+                reason, detail = "missing_file", str(error)
+            except InputTooLarge as error:
+                reason, detail = "too_large", str(error)
+            except (ValueError, OSError, TypeError) as error:
+                reason, detail = "undecodable_dicom" if is_dicom(row.image) else "undecodable_image", str(error)
+        if reason is not None:
+            skipped.append({"id": row.id, "path": row.path, "reason": reason, "detail": detail})
+            continue
+        pixels.append(image_processor.unit_to_model_input(unit))
+        kept.append(row)
+        units.append(unit)
+    return pixels, kept, units, skipped
 
 
 def thumbnail_png(unit_image: torch.Tensor, size: int) -> bytes:

@@ -32,8 +32,6 @@ from transformers import AutoModel
 from medmoe_archive import archive
 from medmoe_archive.deidentify import Pseudonymizer, index_holdings
 from modeling_medmoe import MedMoEImageProcessor
-from modeling_medmoe.dicom import is_dicom
-from modeling_medmoe.limits import InputTooLarge
 
 CHUNK_PATTERN = "chunk-{:05d}.parquet"
 
@@ -174,24 +172,8 @@ def embed_batch(rows, embedder, image_processor, writer, *, window: str | None, 
     """Prepare each row (DICOM through `window`; skipping, counting and listing the unreadable ones), embed the
     rest with `embedder` (`archive.ImageEmbedder`), give them to the writer (with a `thumbnail_size` thumbnail each,
     0 = none)."""
-    pixels, kept, thumbnails, skipped = [], [], [], []
-    for row in rows:
-        reason, detail = row.problem, ""
-        if reason is None:
-            try:
-                unit = image_processor.to_display(row.image, window=window)  # decoded and windowed once
-            except FileNotFoundError as error:
-                reason, detail = "missing_file", str(error)
-            except InputTooLarge as error:
-                reason, detail = "too_large", str(error)
-            except (ValueError, OSError, TypeError) as error:
-                reason, detail = "undecodable_dicom" if is_dicom(row.image) else "undecodable_image", str(error)
-        if reason is not None:
-            skipped.append({"id": row.id, "path": row.path, "reason": reason, "detail": detail})
-            continue
-        pixels.append(image_processor.unit_to_model_input(unit))
-        kept.append(row)
-        thumbnails.append(archive.thumbnail_png(unit, thumbnail_size) if thumbnail_size else None)
+    pixels, kept, units, skipped = archive.prepare_rows(rows, image_processor, window)
+    thumbnails = [archive.thumbnail_png(unit, thumbnail_size) if thumbnail_size else None for unit in units]
     records = []
     if kept:
         expert_names = embedder.model.config.expert_names

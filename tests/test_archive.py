@@ -142,11 +142,8 @@ def test_search_command_filters_by_expert_and_writes_a_contact_sheet(nano_folder
         search_script.main(["--index", str(out), "--text", "x", "--expert", "dermoscopy"])
 
 
-def test_dicom_studies_and_series_are_indexed_searched_and_grouped(nano_folder, tmp_path, capsys):
-    """DICOM tags become index columns; --modality filters on the file's own tag, --group series answers once per
-    series with how many of its instances matched."""
-    import pydicom
-
+def dicom_series_folder(tmp_path):
+    """A study of two series of three CT_small.dcm instances each, tagged CT and MR: (folder, the last dataset)."""
     folder = tmp_path / "pacs"
     folder.mkdir()
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
@@ -155,6 +152,13 @@ def test_dicom_studies_and_series_are_indexed_searched_and_grouped(nano_folder, 
             source.StudyInstanceUID, source.SeriesInstanceUID = "1.2.3", f"1.2.3.{series}"
             source.SOPInstanceUID, source.Modality = f"1.2.3.{series}.{instance}", "CT" if series == 0 else "MR"
             source.save_as(folder / f"s{series}_i{instance}.dcm")
+    return folder, source
+
+
+def test_dicom_studies_and_series_are_indexed_searched_and_grouped(nano_folder, tmp_path, capsys):
+    """DICOM tags become index columns; --modality filters on the file's own tag, --group series answers once per
+    series with how many of its instances matched."""
+    folder, source = dicom_series_folder(tmp_path)
     out = tmp_path / "index"
     run_index(["--model", str(nano_folder), "--images", str(folder), "--output_dir", str(out)])
     searcher = ArchiveSearch(out, str(nano_folder))
@@ -224,3 +228,31 @@ def test_a_killed_run_keeps_its_finished_rows_whatever_the_chunk_size(nano_folde
     assert json.loads((tmp_path / "index" / "progress.json").read_text())["rows_read"] == 12
     resumed = run_index(arguments)
     assert resumed["rows_read"] == ROWS + 3 and resumed["rows"] == ROWS + 1
+
+
+def test_medmoe_classify_writes_images_and_series_and_warns_about_a_synthetic_model(nano_folder, tmp_path, capsys):
+    import csv
+
+    from medmoe_archive import classify
+    from model_card.generate import SYNTHETIC_NOTE
+
+    folder, _ = dicom_series_folder(tmp_path)
+    (folder / "broken.png").write_bytes(b"not a png")
+    model = tmp_path / "model"
+    shutil.copytree(nano_folder, model)
+    (model / "README.md").write_text(f"# A model\n\n{SYNTHETIC_NOTE}\n")
+    out = tmp_path / "results" / "labels.csv"
+    summary = classify.main(["--model", str(model), "--images", str(folder), "--labels", "CT, MRI", "--out", str(out),
+                             "--batch_size", "4"])  # fmt: skip
+    assert "trained only on synthetic phantoms" in capsys.readouterr().err
+    images = list(csv.DictReader(out.open()))
+    assert len(images) == 6 and {row["label"] for row in images} <= {"CT", "MRI"}
+    for row in images:
+        assert float(row["confidence"]) == max(float(row["p_CT"]), float(row["p_MRI"]))
+    series = list(csv.DictReader((tmp_path / "results" / "labels_series.csv").open()))
+    assert sorted((row["series_uid"], row["images"]) for row in series) == [("1.2.3.0", "3"), ("1.2.3.1", "3")]
+    assert summary["skipped"] == {"undecodable_image": 1}
+    listed = (tmp_path / "results" / "labels_skipped.jsonl").read_text()
+    assert "broken.png" in listed
+    with pytest.raises(SystemExit, match="at least one candidate label"):
+        classify.main(["--model", str(model), "--images", str(folder), "--labels", " , ", "--out", str(out)])

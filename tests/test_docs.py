@@ -20,6 +20,7 @@ SCRIPTS = {  # how a command names a script -> the module whose parse_args reads
     "training/export.py": "training.export",
     "medmoe-index": "medmoe_archive.index",
     "medmoe-search": "medmoe_archive.search",
+    "medmoe-classify": "medmoe_archive.classify",
     **{
         f"benchmarks/{path.name}": f"benchmarks.{path.stem}"
         for path in (ROOT / "benchmarks").glob("*.py")
