@@ -90,7 +90,7 @@ def dicom_frame(dataset, frame: int | None, limits: InputLimits) -> DicomPixels:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     check_dicom_size(dataset, limits)
-    frames = int(dataset.get("NumberOfFrames") or 1)
+    frames = frame_count(dataset)
     index = frames // 2 if frame is None else frame
     if not -frames <= index < frames:
         count = f"{frames} frames" if frames > 1 else "one frame"
@@ -145,17 +145,38 @@ def _binary(source: bytes | str | os.PathLike):
     return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
 
 
+def frame_count(dataset) -> int:
+    """Number of Frames, or 1 when absent. A value that is not a number (seen: "1A") is worked out from the size of
+    uncompressed pixel data, and set on the dataset so that its decoder agrees; without pixel data to count, 1."""
+    value = dataset.get("NumberOfFrames")
+    try:
+        return int(value or 1)
+    except (TypeError, ValueError):
+        pass
+    rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
+    frame_bytes = (
+        rows * columns * int(dataset.get("SamplesPerPixel") or 1) * -(-int(dataset.get("BitsAllocated") or 8) // 8)
+    )
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    pixel_data = dataset.get("PixelData") if "PixelData" in dataset and not (syntax and syntax.is_compressed) else None
+    if pixel_data is None or frame_bytes == 0 or len(pixel_data) % frame_bytes:
+        return 1
+    frames = len(pixel_data) // frame_bytes
+    dataset.NumberOfFrames = str(frames)
+    return frames
+
+
 def check_dicom_size(dataset, limits: InputLimits) -> None:
     """Raise InputTooLarge when the header declares a frame or a frame count above `limits`."""
     rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
     limits.check("max_image_pixels", rows * columns, f"The DICOM frame's pixel count ({columns}x{rows})")
-    limits.check("max_frames", int(dataset.get("NumberOfFrames") or 1), "The DICOM's number of frames")
+    limits.check("max_frames", frame_count(dataset), "The DICOM's number of frames")
 
 
 def _declared_pixel_bytes(dataset) -> int:
     """Bytes the header says the (uncompressed) pixel data holds."""
     rows, columns = int(dataset.get("Rows") or 0), int(dataset.get("Columns") or 0)
-    frames, samples = int(dataset.get("NumberOfFrames") or 1), int(dataset.get("SamplesPerPixel") or 1)
+    frames, samples = frame_count(dataset), int(dataset.get("SamplesPerPixel") or 1)
     return rows * columns * frames * samples * -(-int(dataset.get("BitsAllocated") or 8) // 8)
 
 

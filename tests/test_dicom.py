@@ -172,3 +172,9 @@ def test_window_and_frame_are_saved_with_the_processor(tmp_path):
     MedMoEImageProcessor(window="lung", frame=2).save_pretrained(tmp_path)
     reloaded = MedMoEImageProcessor.from_pretrained(tmp_path)
     assert reloaded.window == "lung" and reloaded.frame == 2
+
+
+def test_a_frame_count_that_is_not_a_number_is_worked_out_from_the_pixel_data():
+    """badVR.dcm's Number of Frames is "1A"; its 10 x 10 uncompressed pixel data holds one frame."""
+    assert pydicom.dcmread(bundled("badVR.dcm"), stop_before_pixels=True).get_item("NumberOfFrames").value == b"1A"
+    assert read_dicom(bundled("badVR.dcm")).values.shape == (10, 10)
