@@ -134,9 +134,10 @@ def dicom_metadata(source) -> dict:
 
 @dataclass(frozen=True)
 class ArchiveSource:
-    """What an archive index is built from: a folder of image and DICOM files (`images`), file globs (`files`), or
-    a Hub dataset or local dataset folder (`dataset_name`, `split`); `image_column` and `id_column` for the last
-    two (default: detected, and the row number)."""
+    """What an archive index is built from: a folder of image and DICOM files (`images`), file globs (`files`), a
+    Hub dataset or local dataset folder (`dataset_name`, `split`; `image_column` and `id_column` for these two,
+    default: detected, and the row number), or a PACS over DICOMweb (`dicomweb` URL, `qido` KEY=VALUE study
+    filters)."""
 
     images: Path | None = None
     files: str | None = None
@@ -144,8 +145,12 @@ class ArchiveSource:
     split: str = "train"
     image_column: str | None = None
     id_column: str | None = None
+    dicomweb: str | None = None
+    qido: tuple[str, ...] = ()
 
     def description(self) -> dict:
+        if self.dicomweb:  # (the keys of a folder, files or dataset source stay as they were: earlier runs resume)
+            return {"dicomweb": self.dicomweb, "qido": sorted(self.qido)}
         return {
             "images": str(Path(self.images).resolve()) if self.images else None,
             "files": self.files,
@@ -157,6 +162,10 @@ class ArchiveSource:
 
     def open(self) -> tuple[Iterator[ArchiveRow], dict]:
         """(rows, metadata features) of the archive."""
+        if self.dicomweb:
+            from medmoe_archive.dicomweb import dicomweb_rows, parse_qido_filters
+
+            return dicomweb_rows(self.dicomweb, parse_qido_filters(self.qido)), metadata_features(None, "", None)
         if self.images is not None:
             if not Path(self.images).is_dir():
                 raise FileNotFoundError(f"No folder at {self.images}.")
@@ -227,13 +236,18 @@ def prepare_rows(rows: list[ArchiveRow], image_processor, window: str | None):
         reason, detail = row.problem, ""
         if reason is None:
             try:
-                unit = image_processor.to_display(row.image, window=window)
+                image = row.image() if callable(row.image) else row.image  # a PACS instance is fetched here
+            except Exception as error:  # noqa: BLE001 - the HTTP client's errors: the instance is skipped, named
+                reason, detail = "fetch_failed", f"{type(error).__name__}: {error}"
+        if reason is None:
+            try:
+                unit = image_processor.to_display(image, window=window)
             except FileNotFoundError as error:
                 reason, detail = "missing_file", str(error)
             except InputTooLarge as error:
                 reason, detail = "too_large", str(error)
             except (ValueError, OSError, TypeError) as error:
-                reason, detail = "undecodable_dicom" if is_dicom(row.image) else "undecodable_image", str(error)
+                reason, detail = "undecodable_dicom" if is_dicom(image) else "undecodable_image", str(error)
         if reason is not None:
             skipped.append({"id": row.id, "path": row.path, "reason": reason, "detail": detail})
             continue

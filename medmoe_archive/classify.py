@@ -38,7 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
     source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
     source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
+    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS, WADO-RS)")
     parser.add_argument("--split", default="train", help="the split of --dataset_name")
+    parser.add_argument(
+        "--qido", action="append", default=[], help="a QIDO-RS study filter of --dicomweb, KEY=VALUE (repeatable)"
+    )
     parser.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
     parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
     parser.add_argument("--labels", required=True, help="comma-separated class names, e.g. CT,MRI,X-ray")
@@ -70,7 +74,14 @@ def classify(args: argparse.Namespace) -> dict:
     class_embeds = model.get_zero_shot_class_embeddings(tokenizer, labels, templates)
     embedder = archive.ImageEmbedder(model, args.model, args.backend)
     source = archive.ArchiveSource(
-        args.images, args.files, args.dataset_name, args.split, args.image_column, args.id_column
+        args.images,
+        args.files,
+        args.dataset_name,
+        args.split,
+        args.image_column,
+        args.id_column,
+        args.dicomweb,
+        tuple(args.qido),
     )
     rows, _ = source.open()
     per_image, skipped = [], []
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         summary = classify(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"error: {error}")
     if summary["warning"]:
         print(summary["warning"], file=sys.stderr)

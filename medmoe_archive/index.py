@@ -44,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
     source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
     source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
+    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS, WADO-RS)")
     parser.add_argument("--split", default="train", help="the split of --dataset_name")
+    parser.add_argument(
+        "--qido", action="append", default=[], help="a QIDO-RS study filter of --dicomweb, KEY=VALUE (repeatable)"
+    )
     parser.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
     parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
     parser.add_argument("--window", help="DICOM / 16-bit display window: a CT preset (lung, brain, ...) or C,W")
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit('medmoe-index needs faiss: pip install -e ".[search]" (or pip install faiss-cpu).')
     try:
         index_archive(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"error: {error}")
 
 
@@ -250,7 +254,14 @@ def index_archive(args: argparse.Namespace) -> dict:
     # this package's image processor with the folder's saved settings: it reads DICOM whatever the folder's code age
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
     source = archive.ArchiveSource(
-        args.images, args.files, args.dataset_name, args.split, args.image_column, args.id_column
+        args.images,
+        args.files,
+        args.dataset_name,
+        args.split,
+        args.image_column,
+        args.id_column,
+        args.dicomweb,
+        tuple(args.qido),
     )
     described = {
         **source_description(source, args.window, args.max_rows),
