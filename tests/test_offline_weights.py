@@ -43,3 +43,15 @@ def test_only_existing_safetensors_files_are_read(nano_config, tmp_path):
     save_file({"unrelated": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(PretrainedWeightsUnavailable, match="other.safetensors is not a checkpoint of timm's"):
         load_pretrained_vision_backbone(model, tmp_path / "other.safetensors")
+
+
+def test_a_checkpoint_of_another_size_is_named_as_such(nano_config, tmp_path):
+    """A swin-tiny-sized checkpoint given to the nano preset once said to "pass a local folder"."""
+    vision = nano_config.vision_config
+    wider = timm.create_model(
+        vision.backbone, img_size=vision.image_size, **{**vision.backbone_kwargs, "embed_dim": 48}
+    )
+    save_file({name: tensor.contiguous() for name, tensor in wider.state_dict().items()}, tmp_path / "wide.safetensors")
+    with pytest.raises(PretrainedWeightsUnavailable, match="does not fit the configured backbone") as refused:
+        load_pretrained_vision_backbone(MedMoEModel(nano_config), tmp_path / "wide.safetensors")
+    assert "local folder" not in str(refused.value)

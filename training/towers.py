@@ -94,8 +94,14 @@ def load_pretrained_vision_backbone(model, weights_file: str | Path | None = Non
     try:
         pretrained = create_backbone(vision_config, pretrained=True, pretrained_file=weights_file)
     except Exception as error:  # timm raises many kinds (hub, network, missing file, wrong keys) for one cause
-        source = str(weights_file) if weights_file is not None else f"timm/{vision_config.backbone}"
-        raise PretrainedWeightsUnavailable(offline_hint(source, error)) from None
+        if weights_file is not None:  # the file was there: it does not fit the configured backbone
+            reason = str(error).splitlines()[0][:300]
+            raise PretrainedWeightsUnavailable(
+                f"{weights_file} does not fit the configured backbone {vision_config.backbone!r} with "
+                f"{vision_config.backbone_kwargs or 'its default sizes'} ({type(error).__name__}: {reason}): pass "
+                "a checkpoint of the preset's own backbone (swin-tiny's weights fit --preset swin-tiny)."
+            ) from None
+        raise PretrainedWeightsUnavailable(offline_hint(f"timm/{vision_config.backbone}", error)) from None
     if weights_file is not None:
         check_file_covers_backbone(weights_file, pretrained.state_dict().keys(), vision_config.backbone)
     model.vision_model.vision_pyramid.backbone.load_state_dict(pretrained.state_dict())
