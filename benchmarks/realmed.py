@@ -1,12 +1,19 @@
-"""Real-data benchmark: MedMoE (and its ablations) vs open_clip on realmed, each for the same wall-clock budget.
+"""Real-data benchmark: MedMoE (and its ablations) vs open_clip on realmed, each sized to the same wall-clock budget.
 
-    python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20
-    python benchmarks/realmed.py --systems medmoe,medmoe_seed43,open_clip,open_clip_train --minutes 20  # the final
+Every system trains on realmed's train rows outside a validation split carved from them (about 10% of the source
+cases and patients, by a hash of realmed's `group` column, so rows of one case or patient stay on one side) and is
+scored on that validation split (--score_on validation, for every screen and choice) or on realmed's eval split
+(--score_on eval, for the final table only). The MedMoE runs train the number of steps a calibration sized
+(images/s x budget, recorded in OUT/SYSTEM/scheduled_steps.txt), not until a clock runs out (--clock_stop for that).
+
+    python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20      # screens, on validation
+    python benchmarks/realmed.py --systems medmoe,medmoe_seed43,open_clip,open_clip_train --minutes 20 \
+        --score_on eval --output_dir outputs/benchmark-realmed-final                  # the final table
 
 Every MedMoE system and the equal-size open_clip train on the realmed train split (same rows, tokens, 128-px images,
-batch of 64, learning rate 2e-3, schedule, half the reports cut to one sentence) for --minutes of training time on this
-machine; the schedule's length comes from a short calibration run per system (its images/s times the budget), so the
-cosine schedule ends as the budget does. open_clip_train is the peer anchor
+batch of 64, learning rate 2e-3, schedule, half the reports cut to one sentence) for the steps --minutes of training
+on this machine allows: a short calibration run per system measures its images/s, and the cosine schedule is that
+many steps long. open_clip_train is the peer anchor
 (../shared/anchors/open_clip_train_realmed.md): open_clip's own training CLI with its own recipe, tokenizer and
 transforms, stopped at the same budget (benchmarks/open_clip_train_anchor.py). All are scored by
 training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties broken at random) and text-match R@K
@@ -33,6 +40,7 @@ finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -41,6 +49,7 @@ import sys
 import venv
 from pathlib import Path
 
+import pyarrow
 import pyarrow.parquet as parquet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +125,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=42, help="seed of the MedMoE systems (medmoe_seed43 keeps its own: 43)"
     )
     parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
+    parser.add_argument(
+        "--score_on",
+        choices=("validation", "eval"),
+        default="validation",
+        help="validation: a split carved from the train rows, for screens and choices; eval: the final table only",
+    )
+    parser.add_argument("--validation_share", type=float, default=0.1, help="share of train groups held out")
+    parser.add_argument(
+        "--clock_stop",
+        action="store_true",
+        help="also stop the MedMoE runs at the --minutes budget (by default they train the calibrated steps, so "
+        "that a run's result does not depend on what else the machine was doing)",
+    )
     parser.add_argument("--open_clip_venv", type=Path, default=REPO / ".venv-open_clip")
     parser.add_argument("--num_workers", type=int, default=2)
     args = parser.parse_args(argv)
@@ -126,6 +148,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "open_clip" in args.systems and not set(args.systems) & set(MEDMOE_SYSTEMS):
         parser.error("open_clip reads the tokenizer a MedMoE run learns: include at least one MedMoE system")
     return args
+
+
+SPLIT_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+  - split: eval
+    path: data/eval-*.parquet
+---
+Derived by benchmarks/realmed.py from realmed (not for redistribution): train = {train}; eval = {eval}.
+"""
+
+
+def in_validation(group: str, share: float) -> bool:
+    """Whether a group of rows (a source case or patient) belongs to the validation part: a hash of its name, so
+    the split is the same on every machine and every run."""
+    return int(hashlib.sha256(group.encode()).hexdigest(), 16) % 10_000 < share * 10_000
+
+
+def carve_splits(data: Path, output_dir: Path, score_on: str, share: float) -> Path:
+    """A realmed-shaped folder OUT/data-SCORE_ON whose train split is realmed's train rows outside the validation
+    groups, and whose eval split is the validation rows (score_on="validation", for every screen and choice) or
+    realmed's eval split (score_on="eval", the final table only). Rows of one group (realmed's `group` column: a
+    MedPix case, a patient, an image; the report text where there is no such column) stay on one side."""
+    folder = output_dir / f"data-{score_on}"
+    if (folder / "data" / "train-0000-of-0001.parquet").is_file():
+        return folder
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    train = pyarrow.concat_tables(
+        [parquet.read_table(file) for file in sorted((data / "data").glob("train-*.parquet"))]
+    )
+    groups = train.column("group" if "group" in train.column_names else "text").to_pylist()
+    validation = [in_validation(str(group), share) for group in groups]
+    fit = train.filter(pyarrow.array([not held for held in validation]))
+    if score_on == "validation":
+        scored = train.filter(pyarrow.array(validation))
+    else:
+        scored = read_split(data, "eval")
+    parquet.write_table(fit, folder / "data" / "train-0000-of-0001.parquet")
+    parquet.write_table(scored, folder / "data" / "eval-0000-of-0001.parquet")
+    described = {"train": f"{fit.num_rows} train rows outside the validation groups",
+                 "eval": f"{scored.num_rows} rows of the {score_on} split"}  # fmt: skip
+    (folder / "README.md").write_text(SPLIT_CARD.format(**described))
+    return folder
+
+
+def read_split(data: Path, split: str):
+    return pyarrow.concat_tables(
+        [parquet.read_table(file) for file in sorted((data / "data").glob(f"{split}-*.parquet"))]
+    )
 
 
 def realmed_present(folder: Path) -> bool:
@@ -223,7 +297,8 @@ def run_medmoe(args, name: str) -> dict:
     )
     steps = schedule_steps(args, calibration / "train_log.jsonl")
     print(f"[{name}] training: {args.minutes} min budget, schedule of {steps} steps ... (log: {folder}/train.log)")
-    run(pretrain_command(args, folder / RUN_DIR, MEDMOE_SYSTEMS[name], steps, args.minutes), folder / "train.log")
+    minutes = args.minutes if args.clock_stop else None  # by steps: the calibration (on a quiet machine) sized them
+    run(pretrain_command(args, folder / RUN_DIR, MEDMOE_SYSTEMS[name], steps, minutes), folder / "train.log")
     print(f"[{name}] evaluating ...", flush=True)
     evaluate = [
         sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
@@ -346,9 +421,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not realmed_present(args.data):
         print(f"realmed not found at {args.data} (no data/train-*.parquet and data/eval-*.parquet); skipping.")
         return []
-    args.data = args.data.resolve()
     args.output_dir = args.output_dir.resolve()
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.data = carve_splits(args.data.resolve(), args.output_dir, args.score_on, args.validation_share)
+    print(f"Training on realmed's train rows outside the validation groups; scoring on {args.score_on} ({args.data}).")
     medmoe_systems = [name for name in args.systems if name in MEDMOE_SYSTEMS]
     rows = [finished_or_run(args, name, lambda name=name: run_medmoe(args, name)) for name in medmoe_systems]
     if "open_clip" in args.systems:

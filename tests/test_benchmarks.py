@@ -112,6 +112,27 @@ def test_realmed_benchmark_skips_cleanly_without_the_data(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_realmed_benchmark_carves_a_grouped_validation_split_from_train(tiny_realmed, tmp_path):
+    import pyarrow.parquet as pq
+
+    from benchmarks import realmed
+
+    folder = realmed.carve_splits(tiny_realmed, tmp_path, "validation", 0.25)
+    fit, validation = (pq.read_table(folder / "data" / f"{split}-0000-of-0001.parquet") for split in ("train", "eval"))
+    train = realmed.read_split(tiny_realmed, "train")
+    assert fit.num_rows + validation.num_rows == train.num_rows and 0 < validation.num_rows < train.num_rows
+    assert not set(fit.column("text").to_pylist()) & set(validation.column("text").to_pylist())  # groups stay whole
+    assert realmed.realmed_present(folder) and "split: eval" in (folder / "README.md").read_text()
+    again = realmed.carve_splits(tiny_realmed, tmp_path / "again", "validation", 0.25)
+    assert pq.read_table(again / "data" / "eval-0000-of-0001.parquet").equals(validation)  # deterministic
+    final = realmed.carve_splits(tiny_realmed, tmp_path, "eval", 0.25)
+    assert pq.read_table(final / "data" / "train-0000-of-0001.parquet").equals(fit)  # the same training rows
+    assert (
+        pq.read_table(final / "data" / "eval-0000-of-0001.parquet").num_rows
+        == realmed.read_split(tiny_realmed, "eval").num_rows
+    )
+
+
 def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_realmed, tmp_path):
     import json
 
