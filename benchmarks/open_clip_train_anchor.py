@@ -47,7 +47,7 @@ BATCH_SIZE = 64
 RECIPE_FLAGS = [  # open_clip_train_realmed.md, "Flags" (epochs and data come from this script)
     "--batch-size", str(BATCH_SIZE), "--lr", "5e-4", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
     "--wd", "0.1", "--warmup", "50", "--lr-scheduler", "cosine", "--precision", "fp32", "--device", "cpu",
-    "--seed", "0", "--workers", "1", "--save-frequency", "0", "--report-to", "", "--model", MODEL_NAME,
+    "--workers", "1", "--save-frequency", "0", "--report-to", "", "--model", MODEL_NAME,
     "--dataset-type", "csv", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--csv-separator", ",",
 ]  # fmt: skip
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget (wall clock)")
     parser.add_argument("--epochs", type=int, help="skip the timing run and train this many epochs")
+    parser.add_argument("--seed", type=int, default=0, help="the CLI's --seed (the recipe's is 0)")
     parser.add_argument("--max_train_samples", type=int, default=4000, help="rows the linear probe is fitted on")
     parser.add_argument("--num_workers", type=int, default=2, help="evaluation data workers")
     return parser.parse_args(argv)
@@ -143,9 +144,10 @@ class ClockedRun:
         return self.step_times[-1] - self.step_times[0] if len(self.step_times) > 1 else 0.0
 
 
-def cli_argv(table: Path, logs: Path, name: str, epochs: int) -> list[str]:
+def cli_argv(table: Path, logs: Path, name: str, epochs: int, seed: int = 0) -> list[str]:
     shutil.rmtree(logs / name, ignore_errors=True)  # the CLI refuses an existing experiment name
-    return [*RECIPE_FLAGS, "--train-data", str(table), "--epochs", str(epochs), "--logs", str(logs), "--name", name]
+    return [*RECIPE_FLAGS, "--seed", str(seed), "--train-data", str(table), "--epochs", str(epochs), "--logs",
+            str(logs), "--name", name]  # fmt: skip
 
 
 class OpenClipProcessor:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         epochs = max(1, round(budget / timing.seconds()))
     print(f"[open_clip_train] training: {epochs} epochs, stop after {args.minutes:g} min ...", flush=True)
     clocked = ClockedRun(budget)
-    clocked.run(cli_argv(table, logs, "anchor", epochs))
+    clocked.run(cli_argv(table, logs, "anchor", epochs, args.seed))
     model = clocked.model.eval()
     save_file(
         {name: tensor.contiguous() for name, tensor in model.state_dict().items()},

@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=42, help="seed of the MedMoE systems (medmoe_seed43 keeps its own: 43)"
     )
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated seeds: every MedMoE system and the anchor run once per seed (as SYSTEM@SEED), and the "
+        "table gives mean ± standard deviation, ahead or behind the anchor only beyond the larger deviation",
+    )
     parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
     parser.add_argument(
         "--score_on",
@@ -142,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=2)
     args = parser.parse_args(argv)
     args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    args.seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -286,19 +292,27 @@ def finished_or_run(args, name: str, run_system) -> dict:
     return row
 
 
+def seeded(name: str) -> tuple[str, list[str]]:
+    """A run name SYSTEM or SYSTEM@SEED -> (the system, the arguments that set its seed)."""
+    system, _, seed = name.partition("@")
+    return system, ["--seed", seed] if seed else []
+
+
 def run_medmoe(args, name: str) -> dict:
     """Calibrate, train for the budget, evaluate; the run's summary with the evaluation's metrics."""
+    system, seed_arguments = seeded(name)
+    extra = [*MEDMOE_SYSTEMS[system], *seed_arguments]  # argparse keeps the last --seed
     folder = args.output_dir / name
     calibration = folder / "calibration"
     print(f"[{name}] calibrating ({args.calibration_steps} steps) ...", flush=True)
     run(
-        pretrain_command(args, calibration, MEDMOE_SYSTEMS[name], args.calibration_steps, None),
+        pretrain_command(args, calibration, extra, args.calibration_steps, None),
         folder / "calibration.log",
     )
     steps = schedule_steps(args, calibration / "train_log.jsonl")
     print(f"[{name}] training: {args.minutes} min budget, schedule of {steps} steps ... (log: {folder}/train.log)")
     minutes = args.minutes if args.clock_stop else None  # by steps: the calibration (on a quiet machine) sized them
-    run(pretrain_command(args, folder / RUN_DIR, MEDMOE_SYSTEMS[name], steps, minutes), folder / "train.log")
+    run(pretrain_command(args, folder / RUN_DIR, extra, steps, minutes), folder / "train.log")
     print(f"[{name}] evaluating ...", flush=True)
     evaluate = [
         sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
@@ -317,10 +331,11 @@ def run_medmoe(args, name: str) -> dict:
     return finished_record(args, name)
 
 
-def run_open_clip_train(args) -> dict:
+def run_open_clip_train(args, name: str = "open_clip_train") -> dict:
     """The anchor: open_clip's own training CLI with the recipe, budget-stopped, scored alike
-    (benchmarks/open_clip_train_anchor.py in the open_clip environment)."""
-    folder = args.output_dir / "open_clip_train"
+    (benchmarks/open_clip_train_anchor.py in the open_clip environment); NAME@SEED sets the CLI's seed."""
+    _, seed_arguments = seeded(name)
+    folder = args.output_dir / name
     python = open_clip_python(args)
     check = [str(python), "-c", "import webdataset, braceexpand, open_clip_train.main"]
     if subprocess.run(check, capture_output=True).returncode != 0:
@@ -331,12 +346,12 @@ def run_open_clip_train(args) -> dict:
     )
     command = [
         str(python), "benchmarks/open_clip_train_anchor.py", "--data", str(args.data), "--minutes", str(args.minutes),
-        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR),
+        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR), *seed_arguments,
     ]  # fmt: skip
     run(command, folder / "train.log")
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     (folder / "scheduled_steps.txt").write_text(f"{summary['steps_scheduled']}\n")
-    return finished_record(args, "open_clip_train")
+    return finished_record(args, name)
 
 
 def open_clip_python(args) -> Path:
@@ -416,6 +431,55 @@ def markdown_table(rows: list[dict], minutes: float) -> str:
     return "\n".join(lines)
 
 
+def seed_statistics(rows: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{system: {metric: (mean, standard deviation, runs)}} over the SYSTEM@SEED runs of `rows`."""
+    by_system: dict[str, list[dict]] = {}
+    for row in rows:
+        by_system.setdefault(seeded(row["system"])[0], []).append(row["metrics"])
+    statistics_by_system = {}
+    for system, runs in by_system.items():
+        figures = {}
+        for _, metric in TABLE_COLUMNS:
+            values = [run[metric] for run in runs if run.get(metric) is not None]
+            if values:
+                deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+                figures[metric] = (statistics.fmean(values), deviation, len(values))
+        statistics_by_system[system] = figures
+    return statistics_by_system
+
+
+def verdict(system: tuple[float, float, int], anchor: tuple[float, float, int]) -> str:
+    """ahead / behind when the two means differ by more than the larger standard deviation, else level."""
+    margin = max(system[1], anchor[1])
+    if system[0] - anchor[0] > margin:
+        return "ahead"
+    return "behind" if anchor[0] - system[0] > margin else "level"
+
+
+def seeds_table(rows: list[dict]) -> str:
+    """Mean ± standard deviation per system over its seeds, and each system's verdict against the anchor."""
+    stats = seed_statistics(rows)
+    anchor = stats.get("open_clip_train", {})
+    headings = ["system (runs)", *(heading for heading, _ in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for system, figures in stats.items():
+        runs = max((count for _, _, count in figures.values()), default=0)
+        cells = [f"{system} ({runs})"]
+        for _, metric in TABLE_COLUMNS:
+            if metric not in figures:
+                cells.append("–")
+                continue
+            mean, deviation, _ = figures[metric]
+            call = (
+                f" {verdict(figures[metric], anchor[metric])}"
+                if anchor.get(metric) and system != "open_clip_train"
+                else ""
+            )
+            cells.append(f"{mean:.3f} ± {deviation:.3f}{call}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if not realmed_present(args.data):
@@ -426,13 +490,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.data = carve_splits(args.data.resolve(), args.output_dir, args.score_on, args.validation_share)
     print(f"Training on realmed's train rows outside the validation groups; scoring on {args.score_on} ({args.data}).")
     medmoe_systems = [name for name in args.systems if name in MEDMOE_SYSTEMS]
-    rows = [finished_or_run(args, name, lambda name=name: run_medmoe(args, name)) for name in medmoe_systems]
+    medmoe_runs = [f"{name}@{seed}" for name in medmoe_systems for seed in args.seeds] if args.seeds else medmoe_systems
+    rows = [finished_or_run(args, name, lambda name=name: run_medmoe(args, name)) for name in medmoe_runs]
     if "open_clip" in args.systems:
-        tokenizer = args.output_dir / medmoe_systems[0] / RUN_DIR / "tokenizer"
+        tokenizer = args.output_dir / medmoe_runs[0] / RUN_DIR / "tokenizer"
         rows.append(finished_or_run(args, "open_clip", lambda: run_open_clip(args, tokenizer)))
     if "open_clip_train" in args.systems:
-        rows.append(finished_or_run(args, "open_clip_train", lambda: run_open_clip_train(args)))
+        anchors = [f"open_clip_train@{seed}" for seed in args.seeds] if args.seeds else ["open_clip_train"]
+        rows += [finished_or_run(args, name, lambda name=name: run_open_clip_train(args, name)) for name in anchors]
     table = markdown_table(rows, args.minutes)
+    if args.seeds:
+        table += "\n\n" + seeds_table(rows)
     (args.output_dir / "summary.json").write_text(json.dumps({"minutes": args.minutes, "systems": rows}, indent=2))
     (args.output_dir / "table.md").write_text(table + "\n")
     print("\n" + table)

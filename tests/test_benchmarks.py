@@ -133,6 +133,24 @@ def test_realmed_benchmark_carves_a_grouped_validation_split_from_train(tiny_rea
     )
 
 
+def test_realmed_benchmark_seeds_give_mean_and_deviation_and_calls_only_beyond_the_deviation():
+    from benchmarks import realmed
+
+    metric = realmed.TABLE_COLUMNS[0][1]
+    rows = [{"system": f"{system}@{seed}", "metrics": {metric: value}}
+            for system, values in (("medmoe", (0.10, 0.12, 0.14)), ("open_clip_train", (0.09, 0.10, 0.11)))
+            for seed, value in zip((42, 43, 44), values)]  # fmt: skip
+    stats = realmed.seed_statistics(rows)
+    mean, deviation, runs = stats["medmoe"][metric]
+    assert (round(mean, 6), round(deviation, 6), runs) == (0.12, 0.02, 3)
+    assert realmed.verdict(stats["medmoe"][metric], stats["open_clip_train"][metric]) == "level"  # 0.02 apart
+    assert realmed.verdict((0.20, 0.01, 3), (0.10, 0.02, 3)) == "ahead"
+    assert realmed.verdict((0.05, 0.01, 3), (0.10, 0.02, 3)) == "behind"
+    table = realmed.seeds_table(rows)
+    assert "| medmoe (3) | 0.120 ± 0.020 level |" in table.replace(" | –", "")
+    assert realmed.seeded("medmoe@43") == ("medmoe", ["--seed", "43"]) and realmed.seeded("medmoe") == ("medmoe", [])
+
+
 def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_realmed, tmp_path):
     import json
 
