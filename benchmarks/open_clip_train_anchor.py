@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget (wall clock)")
     parser.add_argument("--epochs", type=int, help="skip the timing run and train this many epochs")
     parser.add_argument("--seed", type=int, default=0, help="the CLI's --seed (the recipe's is 0)")
+    parser.add_argument(
+        "--no_clock_stop",
+        action="store_true",
+        help="train every scheduled epoch instead of stopping at the --minutes budget (results then do not depend "
+        "on the machine's load)",
+    )
     parser.add_argument("--max_train_samples", type=int, default=4000, help="rows the linear probe is fitted on")
     parser.add_argument("--num_workers", type=int, default=2, help="evaluation data workers")
     return parser.parse_args(argv)
@@ -199,8 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
         timing = ClockedRun(math.inf)
         timing.run(cli_argv(table, logs, "timing", 1))
         epochs = max(1, round(budget / timing.seconds()))
-    print(f"[open_clip_train] training: {epochs} epochs, stop after {args.minutes:g} min ...", flush=True)
-    clocked = ClockedRun(budget)
+    stop = "no clock stop" if args.no_clock_stop else f"stop after {args.minutes:g} min"
+    print(f"[open_clip_train] training: {epochs} epochs, {stop} ...", flush=True)
+    clocked = ClockedRun(math.inf if args.no_clock_stop else budget)
     clocked.run(cli_argv(table, logs, "anchor", epochs, args.seed))
     model = clocked.model.eval()
     save_file(

@@ -347,11 +347,20 @@ def run_open_clip_train(args, name: str = "open_clip_train") -> dict:
     command = [
         str(python), "benchmarks/open_clip_train_anchor.py", "--data", str(args.data), "--minutes", str(args.minutes),
         "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR), *seed_arguments,
+        *([] if args.clock_stop else ["--no_clock_stop", *anchor_epochs(args)]),
     ]  # fmt: skip
     run(command, folder / "train.log")
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     (folder / "scheduled_steps.txt").write_text(f"{summary['steps_scheduled']}\n")
     return finished_record(args, name)
+
+
+def anchor_epochs(args) -> list[str]:
+    """["--epochs", N] from an anchor run that already finished in OUT (its timing run sized N), so that every seed
+    trains the same schedule; [] when none has (this run times one epoch itself)."""
+    for summary in sorted(args.output_dir.glob(f"open_clip_train*/{RUN_DIR}/run_summary.json")):
+        return ["--epochs", str(json.loads(summary.read_text())["epochs_scheduled"])]
+    return []
 
 
 def open_clip_python(args) -> Path:
