@@ -73,11 +73,11 @@ def entry_problem(path: Path) -> str | None:
     return None if stat.S_ISREG(status.st_mode) else "not_a_regular_file"
 
 
-def folder_rows(folder: str | Path) -> Iterator[ArchiveRow]:
+def folder_rows(folder: str | Path, all_frames: bool = False) -> Iterator[ArchiveRow]:
     """Every image file under `folder` (nested; by suffix, or DICOM files without one), in sorted order; id = the
     path relative to the folder, metadata `folder` = its sub-folder. Entries with an image suffix or none that are
     not readable regular files (dangling symlinks, symlink loops, FIFOs, unreadable folders) come as rows with a
-    `problem`."""
+    `problem`. A multi-frame DICOM is its middle frame, or with `all_frames` one row per frame (id PATH#frameN)."""
     root = Path(folder)
     unreadable_folders: list[OSError] = []
     for directory, subdirectories, files in os.walk(root, onerror=unreadable_folders.append):
@@ -102,6 +102,11 @@ def folder_rows(folder: str | Path) -> Iterator[ArchiveRow]:
                 continue
             relative = path.relative_to(root)
             metadata = {"folder": str(relative.parent), **dicom_metadata(path if is_dicom_file(path) else None)}
+            if all_frames and metadata["frame"]:  # a multi-frame DICOM: its middle frame is past the first
+                for frame in range(dicom_frame_count(path)):
+                    row_id = f"{relative}#frame{frame}"
+                    yield ArchiveRow(row_id, str(path), str(path.resolve()), {**metadata, "frame": frame})
+                continue
             yield ArchiveRow(str(relative), str(path), str(path.resolve()), metadata)
     for error in unreadable_folders:
         yield problem_row(root, Path(error.filename), "unreadable_folder")
@@ -111,6 +116,15 @@ def problem_row(root: Path, path: Path, problem: str) -> ArchiveRow:
     relative = path.relative_to(root)
     metadata = {"folder": str(relative.parent), **dicom_metadata(None)}
     return ArchiveRow(str(relative), None, str(path), metadata, problem=problem)
+
+
+def dicom_frame_count(path: Path) -> int:
+    """The number of frames a DICOM file's header declares."""
+    import pydicom
+
+    from modeling_medmoe.dicom import frame_count
+
+    return frame_count(pydicom.dcmread(path, stop_before_pixels=True, force=True, defer_size=1024))
 
 
 def dicom_metadata(source) -> dict:
@@ -147,11 +161,12 @@ class ArchiveSource:
     id_column: str | None = None
     dicomweb: str | None = None
     qido: tuple[str, ...] = ()
+    all_frames: bool = False
 
     def description(self) -> dict:
         if self.dicomweb:  # (the keys of a folder, files or dataset source stay as they were: earlier runs resume)
             return {"dicomweb": self.dicomweb, "qido": sorted(self.qido)}
-        return {
+        described = {
             "images": str(Path(self.images).resolve()) if self.images else None,
             "files": self.files,
             "dataset_name": self.dataset_name,
@@ -159,6 +174,7 @@ class ArchiveSource:
             "image_column": self.image_column,
             "id_column": self.id_column,
         }
+        return {**described, "all_frames": True} if self.all_frames else described
 
     def open(self) -> tuple[Iterator[ArchiveRow], dict]:
         """(rows, metadata features) of the archive."""
@@ -169,7 +185,7 @@ class ArchiveSource:
         if self.images is not None:
             if not Path(self.images).is_dir():
                 raise FileNotFoundError(f"No folder at {self.images}.")
-            return folder_rows(self.images), metadata_features(None, "", None)
+            return folder_rows(self.images, self.all_frames), metadata_features(None, "", None)
         if self.files:
             stream = data_module.files_stream(self.files)
         else:
@@ -240,8 +256,8 @@ def prepare_rows(rows: list[ArchiveRow], image_processor, window: str | None):
             except Exception as error:  # noqa: BLE001 - the HTTP client's errors: the instance is skipped, named
                 reason, detail = "fetch_failed", f"{type(error).__name__}: {error}"
         if reason is None:
-            try:
-                unit = image_processor.to_display(image, window=window)
+            try:  # a DICOM row names its frame (the middle one, or each one with --all_frames)
+                unit = image_processor.to_display(image, window=window, frame=row.metadata.get("frame"))
             except FileNotFoundError as error:
                 reason, detail = "missing_file", str(error)
             except InputTooLarge as error:

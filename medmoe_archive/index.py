@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
     parser.add_argument("--window", help="DICOM / 16-bit display window: a CT preset (lung, brain, ...) or C,W")
     parser.add_argument(
+        "--all_frames",
+        action="store_true",
+        help="every frame of a multi-frame DICOM as its own row (default: its middle frame); --group series in "
+        "medmoe-search gathers them",
+    )
+    parser.add_argument(
         "--index",
         choices=archive.INDEX_TYPES,
         default="flat",
@@ -262,6 +268,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         args.id_column,
         args.dicomweb,
         tuple(args.qido),
+        args.all_frames,
     )
     described = {
         **source_description(source, args.window, args.max_rows),

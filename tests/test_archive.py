@@ -256,3 +256,23 @@ def test_medmoe_classify_writes_images_and_series_and_warns_about_a_synthetic_mo
     assert "broken.png" in listed
     with pytest.raises(SystemExit, match="at least one candidate label"):
         classify.main(["--model", str(model), "--images", str(folder), "--labels", " , ", "--out", str(out)])
+
+
+def test_every_frame_of_a_multi_frame_dicom_can_be_a_row_and_series_gather_them(nano_folder, tmp_path):
+    """rtdose.dcm holds 15 frames: by default its middle frame is embedded; with --all_frames each frame is a row,
+    embedded from its own pixels, and --group series answers once for the file's series with all 15 matched."""
+    folder = tmp_path / "dose"
+    folder.mkdir()
+    shutil.copyfile(get_testdata_file("rtdose.dcm", download=False), folder / "dose.dcm")
+    middle = run_index(["--model", str(nano_folder), "--images", str(folder), "--output_dir", str(tmp_path / "m")])
+    frames = run_index(["--model", str(nano_folder), "--images", str(folder), "--output_dir", str(tmp_path / "f"),
+                        "--all_frames"])  # fmt: skip
+    assert (middle["rows"], frames["rows"]) == (1, 15)
+    searcher = ArchiveSearch(tmp_path / "f", str(nano_folder))
+    assert searcher.dataset["frame"] == list(range(15)) and searcher.dataset["id"][3] == "dose.dcm#frame3"
+    embeddings = np.array(searcher.dataset["embedding"])
+    single = np.array(ArchiveSearch(tmp_path / "m", str(nano_folder)).dataset["embedding"][0])
+    np.testing.assert_allclose(embeddings[7], single, atol=1e-6)  # the middle frame is the default row
+    assert not np.allclose(embeddings[0], embeddings[7])
+    grouped = searcher.search(searcher.text_query("dose"), k=3, group="series_uid")
+    assert len(grouped) == 1 and grouped[0]["matches"] == 15
