@@ -163,6 +163,12 @@ class ArchiveSource:
     qido: tuple[str, ...] = ()
     all_frames: bool = False
 
+    @classmethod
+    def from_args(cls, args) -> "ArchiveSource":
+        """The source `add_source_arguments`' flags name."""
+        return cls(args.images, args.files, args.dataset_name, args.split, args.image_column, args.id_column,
+                   args.dicomweb, tuple(args.qido), args.all_frames)  # fmt: skip
+
     def description(self) -> dict:
         if self.dicomweb:  # (the keys of a folder, files or dataset source stay as they were: earlier runs resume)
             return {"dicomweb": self.dicomweb, "qido": sorted(self.qido)}
@@ -196,6 +202,29 @@ class ArchiveSource:
         return stream_rows(stream, image_column, self.id_column), metadata_features(
             stream, image_column, self.id_column
         )
+
+
+def add_source_arguments(parser) -> None:
+    """The flags that name an archive and how its images are read, shared by medmoe-index and medmoe-classify
+    (`ArchiveSource.from_args` reads them; --window is passed to the image processor)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
+    source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
+    source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
+    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS, WADO-RS)")
+    parser.add_argument("--split", default="train", help="the split of --dataset_name")
+    parser.add_argument(
+        "--qido", action="append", default=[], help="a QIDO-RS study filter of --dicomweb, KEY=VALUE (repeatable)"
+    )
+    parser.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
+    parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
+    parser.add_argument("--window", help="DICOM / 16-bit display window: a CT preset (lung, brain, ...) or C,W")
+    parser.add_argument(
+        "--all_frames",
+        action="store_true",
+        help="every frame of a multi-frame DICOM as its own row (default: its middle frame); --group series in "
+        "medmoe-search gathers them",
+    )
 
 
 def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: str | None) -> Iterator[ArchiveRow]:

@@ -34,20 +34,9 @@ from modeling_medmoe import MedMoEImageProcessor
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved MedMoE folder or Hub id")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
-    source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
-    source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
-    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS, WADO-RS)")
-    parser.add_argument("--split", default="train", help="the split of --dataset_name")
-    parser.add_argument(
-        "--qido", action="append", default=[], help="a QIDO-RS study filter of --dicomweb, KEY=VALUE (repeatable)"
-    )
-    parser.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
-    parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
+    archive.add_source_arguments(parser)
     parser.add_argument("--labels", required=True, help="comma-separated class names, e.g. CT,MRI,X-ray")
     parser.add_argument("--out", required=True, type=Path, help="the per-image CSV (the per-series one goes beside)")
-    parser.add_argument("--window", help="DICOM / 16-bit display window: a CT preset (lung, brain, ...) or C,W")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--backend", choices=archive.BACKENDS, default="auto", help="image side: torch, onnx or auto")
     return parser.parse_args(argv)
@@ -73,16 +62,7 @@ def classify(args: argparse.Namespace) -> dict:
     labels, templates = zero_shot_request(args.labels, image_processor)
     class_embeds = model.get_zero_shot_class_embeddings(tokenizer, labels, templates)
     embedder = archive.ImageEmbedder(model, args.model, args.backend)
-    source = archive.ArchiveSource(
-        args.images,
-        args.files,
-        args.dataset_name,
-        args.split,
-        args.image_column,
-        args.id_column,
-        args.dicomweb,
-        tuple(args.qido),
-    )
+    source = archive.ArchiveSource.from_args(args)
     rows, _ = source.open()
     per_image, skipped = [], []
     bar = tqdm(desc=f"classifying ({embedder.name})", unit="image")

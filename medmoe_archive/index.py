@@ -40,24 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved MedMoE folder or Hub id")
     parser.add_argument("--output_dir", required=True, type=Path)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
-    source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
-    source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
-    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS, WADO-RS)")
-    parser.add_argument("--split", default="train", help="the split of --dataset_name")
-    parser.add_argument(
-        "--qido", action="append", default=[], help="a QIDO-RS study filter of --dicomweb, KEY=VALUE (repeatable)"
-    )
-    parser.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
-    parser.add_argument("--id_column", help="column naming each row (default: the row number; folders: the path)")
-    parser.add_argument("--window", help="DICOM / 16-bit display window: a CT preset (lung, brain, ...) or C,W")
-    parser.add_argument(
-        "--all_frames",
-        action="store_true",
-        help="every frame of a multi-frame DICOM as its own row (default: its middle frame); --group series in "
-        "medmoe-search gathers them",
-    )
+    archive.add_source_arguments(parser)
     parser.add_argument(
         "--index",
         choices=archive.INDEX_TYPES,
@@ -259,17 +242,7 @@ def index_archive(args: argparse.Namespace) -> dict:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     # this package's image processor with the folder's saved settings: it reads DICOM whatever the folder's code age
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
-    source = archive.ArchiveSource(
-        args.images,
-        args.files,
-        args.dataset_name,
-        args.split,
-        args.image_column,
-        args.id_column,
-        args.dicomweb,
-        tuple(args.qido),
-        args.all_frames,
-    )
+    source = archive.ArchiveSource.from_args(args)
     described = {
         **source_description(source, args.window, args.max_rows),
         **({"deidentified": True} if pseudonymizer else {}),

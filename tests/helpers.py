@@ -69,3 +69,24 @@ def endpoint_handler(folder: Path):
     finally:
         sys.path.remove(str(folder))
     return EndpointHandler(str(folder))
+
+
+def killed_after_adds(monkeypatch, run, adds: int) -> None:
+    """Run `run()` with medmoe-index's ChunkWriter.add raising KeyboardInterrupt after its `adds`-th call (a run
+    killed halfway), and restore it."""
+    import pytest
+
+    from medmoe_archive import index
+
+    add, calls = index.ChunkWriter.add, []
+
+    def add_then_crash(writer, *rest):
+        add(writer, *rest)
+        calls.append(1)
+        if len(calls) == adds:
+            raise KeyboardInterrupt("killed halfway")
+
+    monkeypatch.setattr(index.ChunkWriter, "add", add_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(index.ChunkWriter, "add", add)

@@ -19,6 +19,7 @@ from medmoe_archive import search as search_script  # noqa: E402
 from medmoe_archive.search import ArchiveSearch  # noqa: E402
 from training.synthetic import synthetic_stream  # noqa: E402
 
+from .helpers import killed_after_adds  # noqa: E402
 from .test_data import write_parquet  # noqa: E402
 
 ROWS = 40
@@ -213,18 +214,7 @@ def test_a_killed_run_keeps_its_finished_rows_whatever_the_chunk_size(nano_folde
     --flush_seconds, so a run killed after a few batches keeps them and the rerun goes on from there."""
     arguments = ["--model", str(nano_folder), "--images", str(image_folder), "--batch_size", "4",
                  "--flush_seconds", "0", "--output_dir", str(tmp_path / "index")]  # fmt: skip
-    add, calls = index_script.ChunkWriter.add, []
-
-    def add_then_crash(writer, *rest):
-        add(writer, *rest)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(index_script.ChunkWriter, "add", add_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_index(arguments)
-    monkeypatch.setattr(index_script.ChunkWriter, "add", add)
+    killed_after_adds(monkeypatch, lambda: run_index(arguments), adds=3)
     assert json.loads((tmp_path / "index" / "progress.json").read_text())["rows_read"] == 12
     resumed = run_index(arguments)
     assert resumed["rows_read"] == ROWS + 3 and resumed["rows"] == ROWS + 1

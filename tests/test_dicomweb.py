@@ -18,6 +18,8 @@ from medmoe_archive import index as index_script  # noqa: E402
 from medmoe_archive.dicomweb import client_for  # noqa: E402
 from medmoe_archive.search import ArchiveSearch  # noqa: E402
 
+from .helpers import killed_after_adds  # noqa: E402
+
 STUDY_DATES = ("20250301", "20250402")
 INSTANCES_PER_SERIES = 6
 
@@ -58,18 +60,7 @@ def test_a_pacs_is_indexed_over_dicomweb_and_a_killed_run_resumes_to_the_same_in
     arguments = ["--model", str(nano_folder), "--dicomweb", orthanc, "--batch_size", "4", "--flush_seconds", "0"]
     complete = run_index([*arguments, "--output_dir", str(tmp_path / "complete")])
     assert complete["rows"] == len(STUDY_DATES) * 2 * INSTANCES_PER_SERIES and complete["skipped"] == {}
-    add, calls = index_script.ChunkWriter.add, []
-
-    def add_then_crash(writer, *rest):
-        add(writer, *rest)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed halfway")
-
-    monkeypatch.setattr(index_script.ChunkWriter, "add", add_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_index([*arguments, "--output_dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(index_script.ChunkWriter, "add", add)
+    killed_after_adds(monkeypatch, lambda: run_index([*arguments, "--output_dir", str(tmp_path / "resumed")]), adds=3)
     resumed = run_index([*arguments, "--output_dir", str(tmp_path / "resumed")])
     assert resumed["rows"] == complete["rows"]
     first, second = (ArchiveSearch(tmp_path / name, str(nano_folder)).dataset for name in ("complete", "resumed"))
