@@ -36,31 +36,29 @@ def varied_images(count: int = 24) -> torch.Tensor:
     return torch.randn(count, 3, 64, 64, generator=generator) * scale + torch.linspace(-2, 2, count).view(-1, 1, 1, 1)
 
 
-def test_the_fp32_export_agrees_with_pytorch_and_keeps_the_routing(exported):
-    folder, _ = exported
+def against_pytorch(folder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the export's experts, PyTorch's experts, cosine of the two embeddings) on `varied_images`."""
     model = MedMoEModel.from_pretrained(folder).eval()
     pixels = varied_images()
     with torch.no_grad():
         eager = model.vision_model(pixels)
     embeddings, experts = OnnxImageEncoder(folder)(pixels)
-    assert torch.equal(experts, eager.expert_index)
+    return experts, eager.expert_index, torch.nn.functional.cosine_similarity(embeddings, eager.image_embeds, dim=-1)
+
+
+def test_the_fp32_export_agrees_with_pytorch_and_keeps_the_routing(exported):
+    experts, eager_experts, cosine = against_pytorch(exported[0])
+    assert torch.equal(experts, eager_experts)
     assert len(experts.unique()) > 1, "the images must exercise several experts"
-    cosine = torch.nn.functional.cosine_similarity(embeddings, eager.image_embeds, dim=-1)
     assert cosine.min() >= 0.999
-    info = json.loads((folder / "onnx" / "export_info.json").read_text())
+    info = json.loads((exported[0] / "onnx" / "export_info.json").read_text())
     assert info["precision"] == "fp32" and info["check"]["same_expert"] == 1.0
 
 
 def test_int8_stays_close_to_pytorch(exported):
-    _, folder = exported
-    model = MedMoEModel.from_pretrained(folder).eval()
-    pixels = varied_images()
-    with torch.no_grad():
-        eager = model.vision_model(pixels)
-    embeddings, experts = OnnxImageEncoder(folder)(pixels)
-    cosine = torch.nn.functional.cosine_similarity(embeddings, eager.image_embeds, dim=-1)
-    assert cosine.mean() >= 0.99 and (experts == eager.expert_index).float().mean() >= 0.9  # measured: 0.999+, 1.0
-    assert OnnxImageEncoder(folder).precision == "int8"
+    experts, eager_experts, cosine = against_pytorch(exported[1])
+    assert cosine.mean() >= 0.99 and (experts == eager_experts).float().mean() >= 0.9  # measured: 0.999+, 1.0
+    assert OnnxImageEncoder(exported[1]).precision == "int8"
 
 
 def test_a_folder_with_an_export_still_loads_in_pytorch_alone(exported):
