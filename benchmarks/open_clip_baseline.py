@@ -11,9 +11,9 @@ The model is open_clip's `CLIP` built from a config with random initialisation (
 from training/data.py with a MedMoE processor (the MedMoE run's tokenizer, padded to --max_length), the loss is
 open_clip's `ClipLoss`; the optimizer, schedule and optimisation step (clipping, non-finite guard) are the training
 scripts' own (training/loop.py). Evaluation is training/run_evaluation.py's `evaluate_model` on a wrapper with
-MedMoE's interface. Writes OUT/train_log.jsonl, OUT/run_summary.json,
-OUT/model.safetensors + OUT/open_clip_config.json, OUT/eval/results.json and OUT/eval_anchor_prompts/results.json
-(zero-shot with the peer anchor's neutral prompts).
+MedMoE's interface, once per --score_splits split. Writes OUT/train_log.jsonl, OUT/run_summary.json,
+OUT/model.safetensors + OUT/open_clip_config.json, and per scored split OUT/scored_on_SPLIT/results.json and
+OUT/scored_on_SPLIT/anchor_prompts/results.json (zero-shot with the peer anchor's neutral prompts).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from training.loop import LoopSchedule, build_optimizer, run_training  # noqa: E
 
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
 CONFIGS = Path(__file__).resolve().parent / "configs"
-ANCHOR_PROMPTS = [  # zero-shot also with the peer anchor's neutral prompts (OUT/eval_anchor_prompts)
+ANCHOR_PROMPTS = [  # zero-shot also with the peer anchor's neutral prompts (OUT/scored_on_SPLIT/anchor_prompts)
     "--templates", str(CONFIGS / "anchor_prompt_templates.txt"),
     "--class_phrases", str(CONFIGS / "anchor_class_phrases.json"),
 ]  # fmt: skip
@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--logging_steps", type=int, default=10)
     train.add_argument("--seed", type=int, default=42)
     parser.add_argument("--skip_evaluation", action="store_true", help="train only (used to measure throughput)")
+    parser.add_argument("--score_splits", default="eval", help="comma-separated splits of the data to score on")
     parser.add_argument("--max_train_samples", type=int, default=4000, help="rows the linear probe is fitted on")
     parser.add_argument("--probe_columns", default="modality,label")
     return parser.parse_args(argv)
@@ -101,6 +102,22 @@ def build_model(args: argparse.Namespace, tokenizer) -> open_clip.CLIP:
         "pool_type": "eos",
     }
     return open_clip.CLIP(embed_dim=args.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def score_on_splits(model, processor, common_argv: list[str], output_dir: Path, splits: list[str]) -> dict:
+    """Score a wrapped open_clip model (OpenClipForEvaluation) with training/run_evaluation.py on each split:
+    OUT/scored_on_SPLIT with the project's prompts, OUT/scored_on_SPLIT/anchor_prompts zero-shot with the anchor's.
+    `common_argv`: the evaluation flags every score shares (model name, data, probe).
+    Returns {split: the result with the project's prompts}."""
+    results = {}
+    for split in splits:
+        folder = output_dir / f"scored_on_{split}"
+        argv = [*common_argv, "--device", "cpu", "--eval_split", split]
+        scored = evaluation_module.parse_args([*argv, "--output_dir", str(folder), "--tasks", EVAL_TASKS])
+        results[split] = evaluation_module.evaluate_model(scored, model, processor, expert_names=[])
+        anchor_argv = [*argv, *ANCHOR_PROMPTS, "--output_dir", str(folder / "anchor_prompts"), "--tasks", "zero_shot"]
+        evaluation_module.evaluate_model(evaluation_module.parse_args(anchor_argv), model, processor, expert_names=[])
+    return results
 
 
 def fixed_length(input_ids: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
@@ -215,22 +232,18 @@ def main(argv: list[str] | None = None) -> dict:
     save_file(model.state_dict(), str(args.output_dir / "model.safetensors"))
     (args.output_dir / "open_clip_config.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
     if not args.skip_evaluation:
-        eval_argv = [
-            "--model", "open_clip", "--output_dir", str(args.output_dir / "eval"), "--tasks", EVAL_TASKS,
-            "--probe_columns", args.probe_columns, "--max_train_samples", str(args.max_train_samples),
-            "--dataset_name", args.dataset_name, "--device", "cpu",
+        common_argv = [
+            "--model", "open_clip", "--probe_columns", args.probe_columns,
+            "--max_train_samples", str(args.max_train_samples), "--dataset_name", args.dataset_name,
         ]  # fmt: skip
-        for flag in ("train_files", "eval_files", "eval_split"):
+        for flag in ("train_files", "eval_files"):
             if getattr(args, flag):
-                eval_argv += [f"--{flag}", getattr(args, flag)]
-        eval_args = evaluation_module.parse_args(eval_argv)
+                common_argv += [f"--{flag}", getattr(args, flag)]
         wrapper = OpenClipForEvaluation(model, args.max_length, tokenizer.pad_token_id)
-        summary["evaluation"] = evaluation_module.evaluate_model(eval_args, wrapper, processor, expert_names=[])
-        anchor_argv = [*eval_argv, *ANCHOR_PROMPTS, "--output_dir", str(args.output_dir / "eval_anchor_prompts")]
-        anchor_args = evaluation_module.parse_args([*anchor_argv, "--tasks", "zero_shot"])
-        evaluation_module.evaluate_model(anchor_args, wrapper, processor, expert_names=[])
+        splits = [split.strip() for split in args.score_splits.split(",") if split.strip()]
+        summary["evaluation"] = score_on_splits(wrapper, processor, common_argv, args.output_dir, splits)
     (args.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"open_clip run: {args.output_dir} (run_summary.json, model.safetensors, eval/results.json)")
+    print(f"open_clip run: {args.output_dir} (run_summary.json, model.safetensors, scored_on_SPLIT/results.json)")
     return summary
 
 

@@ -13,8 +13,9 @@ no model-config flag); (3) the number of epochs sized from a 1-epoch timing run 
 near the budget; (4) the CLI with the recipe's flags, stopped at the first step that starts after the budget (the
 schedule is wrapped to watch the clock; the model is taken from `create_model_and_transforms`); (5) the weights
 saved to OUT/model.safetensors, per-window throughput to OUT/train_log.jsonl and OUT/run_summary.json; (6) the
-evaluation (training/run_evaluation.py's `evaluate_model`) with open_clip's own tokenizer and eval transform, once
-with the project's prompts (OUT/eval) and once with the anchor's neutral prompts (OUT/eval_anchor_prompts).
+evaluation (training/run_evaluation.py's `evaluate_model`) with open_clip's own tokenizer and eval transform, on each
+--score_splits split, once with the project's prompts (OUT/scored_on_SPLIT) and once with the anchor's neutral prompts
+(OUT/scored_on_SPLIT/anchor_prompts).
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from benchmarks.open_clip_baseline import OpenClipForEvaluation  # noqa: E402
-from training import run_evaluation as evaluation_module  # noqa: E402
+from benchmarks.open_clip_baseline import OpenClipForEvaluation, score_on_splits  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODEL_NAME = "MedCLIP-Tiny-128"
@@ -50,7 +50,6 @@ RECIPE_FLAGS = [  # open_clip_train_realmed.md, "Flags" (epochs and data come fr
     "--workers", "1", "--save-frequency", "0", "--report-to", "", "--model", MODEL_NAME,
     "--dataset-type", "csv", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--csv-separator", ",",
 ]  # fmt: skip
-EVAL_TASKS = "zero_shot,retrieval,linear_probe"
 
 
 class BudgetReached(Exception):
@@ -72,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max_train_samples", type=int, default=4000, help="rows the linear probe is fitted on")
     parser.add_argument("--num_workers", type=int, default=2, help="evaluation data workers")
+    parser.add_argument("--score_splits", default="eval", help="comma-separated splits of --data to score on")
     return parser.parse_args(argv)
 
 
@@ -179,18 +179,6 @@ class OpenClipProcessor:
         return encoding
 
 
-def evaluate(args, model, processor, output_dir: Path, prompts: list[str]) -> dict:
-    eval_argv = [
-        "--model", "open_clip_train", "--output_dir", str(output_dir), "--dataset_name", str(args.data),
-        "--probe_columns", "modality,label", "--max_train_samples", str(args.max_train_samples), "--device", "cpu",
-        "--num_workers", str(args.num_workers), *prompts,
-    ]  # fmt: skip
-    eval_args = evaluation_module.parse_args(eval_argv)
-    context = model.context_length
-    wrapper = OpenClipForEvaluation(model, context, pad_id=0)
-    return evaluation_module.evaluate_model(eval_args, wrapper, processor, expert_names=[])
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -233,14 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
     (args.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
     processor = OpenClipProcessor(preprocess, open_clip.get_tokenizer(MODEL_NAME))
-    anchor_prompts = [
-        "--templates", str(CONFIGS / "anchor_prompt_templates.txt"),
-        "--class_phrases", str(CONFIGS / "anchor_class_phrases.json"), "--tasks", "zero_shot",
+    common_argv = [
+        "--model", "open_clip_train", "--dataset_name", str(args.data), "--probe_columns", "modality,label",
+        "--max_train_samples", str(args.max_train_samples), "--num_workers", str(args.num_workers),
     ]  # fmt: skip
+    splits = [split.strip() for split in args.score_splits.split(",") if split.strip()]
+    wrapper = OpenClipForEvaluation(model, model.context_length, pad_id=0)
     with torch.no_grad():
-        evaluate(args, model, processor, args.output_dir / "eval", ["--tasks", EVAL_TASKS])
-        evaluate(args, model, processor, args.output_dir / "eval_anchor_prompts", anchor_prompts)
-    print(f"open_clip_train run: {args.output_dir} (run_summary.json, model.safetensors, eval/, eval_anchor_prompts/)")
+        score_on_splits(wrapper, processor, common_argv, args.output_dir, splits)
+    print(f"open_clip_train run: {args.output_dir} (run_summary.json, model.safetensors, scored_on_SPLIT/)")
     return summary
 
 

@@ -2,13 +2,14 @@
 
 Every system trains on realmed's train rows outside a validation split carved from them (about 10% of the source
 cases and patients, by a hash of realmed's `group` column, so rows of one case or patient stay on one side) and is
-scored on that validation split (--score_on validation, for every screen and choice) or on realmed's eval split
-(--score_on eval, for the final table only). The MedMoE runs train the number of steps a calibration sized
-(images/s x budget, recorded in OUT/SYSTEM/scheduled_steps.txt), not until a clock runs out (--clock_stop for that).
+scored on that validation split (--score_on validation, for every screen and choice) and, for the final table only,
+on realmed's eval split (--score_on validation,eval: the same trained models scored on both). The MedMoE runs train
+the number of steps a calibration sized (images/s x budget, recorded in OUT/SYSTEM/scheduled_steps.txt; later seeds
+of a system reuse its first seed's), not until a clock runs out (--clock_stop for that).
 
     python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20      # screens, on validation
-    python benchmarks/realmed.py --systems medmoe,medmoe_seed43,open_clip,open_clip_train --minutes 20 \
-        --score_on eval --output_dir outputs/benchmark-realmed-final                  # the final table
+    python benchmarks/realmed.py --systems medmoe,open_clip_train --seeds 42,43,44 --minutes 20 \
+        --score_on validation,eval --output_dir outputs/benchmark-realmed-final     # the final table
 
 Every MedMoE system and the equal-size open_clip train on the realmed train split (same rows, tokens, 128-px images,
 batch of 64, learning rate 2e-3, schedule, half the reports cut to one sentence) for the steps --minutes of training
@@ -16,7 +17,7 @@ on this machine allows: a short calibration run per system measures its images/s
 many steps long. open_clip_train is the peer anchor
 (../shared/anchors/open_clip_train_realmed.md): open_clip's own training CLI with its own recipe, tokenizer and
 transforms, stopped at the same budget (benchmarks/open_clip_train_anchor.py). All are scored by
-training/run_evaluation.py on the eval split: strict R@1/5/10 both ways (ties broken at random) and text-match R@K
+training/run_evaluation.py on each scored split: strict R@1/5/10 both ways (ties broken at random) and text-match R@K
 (pool: the eval split), zero-shot modality accuracy and balanced accuracy with the anchor's neutral prompts
 (benchmarks/configs/) and with the project's own, routing purity and NMI vs modality, linear-probe accuracy on modality
 and on label.
@@ -30,8 +31,9 @@ single_expert, preset_experts (the preset's six experts, the paper's modalities)
 router_text_teacher, expert_depth_3, router_last_level (the paper's router, on the coarsest level only), text_tower_256
 (the anchor's text width and depth), no_sentence_sampling (each changes one thing), open_clip (random-init CLIP of about
 the same size; see benchmarks/open_clip_baseline.py) and open_clip_train, both in a separate virtual environment this
-script creates with `open_clip_torch` (and the CLI's webdataset and braceexpand). Writes OUT/SYSTEM/ for each run,
-OUT/summary.json and OUT/table.md, and prints the table and, when medmoe and open_clip both ran, JSON with
+script creates with `open_clip_torch` (and the CLI's webdataset and braceexpand). Writes OUT/data (the carved
+splits), OUT/SYSTEM/ for each run (its scores in OUT/SYSTEM/run/scored_on_SPLIT), OUT/summary.json and OUT/table.md
+(a table per scored split), and prints the table and, when medmoe and open_clip both ran, JSON with
 pretrain_medmoe_vs_open_clip_images_per_s (training images/s, the median logged window after the first, at about equal
 parameters; the table's images/s is the whole budget's, start-up and in-loop evaluation included). A system that already
 finished in OUT is reused (delete OUT/SYSTEM to rerun it). When --data does not hold realmed, it says so and exits 0.
@@ -86,7 +88,8 @@ ANCHOR_PROMPTS = [  # the anchor's neutral prompt ensemble (../shared/anchors/op
     "--templates", "benchmarks/configs/anchor_prompt_templates.txt",
     "--class_phrases", "benchmarks/configs/anchor_class_phrases.json",
 ]  # fmt: skip
-ANCHOR_PROMPT_EVAL = "eval_anchor_prompts"  # OUT/SYSTEM/run/eval_anchor_prompts: zero-shot with those prompts
+ANCHOR_PROMPT_EVAL = "anchor_prompts"  # OUT/SYSTEM/run/scored_on_SPLIT/anchor_prompts: zero-shot with those prompts
+SCORED_SPLITS = ("validation", "eval")
 TABLE_COLUMNS = (  # (heading, metric; anchor/ = zero-shot with the anchor's prompts), the anchor's figures first
     ("i→t R@1", "retrieval/image_to_text_R@1"),
     ("i→t R@5", "retrieval/image_to_text_R@5"),
@@ -132,9 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
     parser.add_argument(
         "--score_on",
-        choices=("validation", "eval"),
         default="validation",
-        help="validation: a split carved from the train rows, for screens and choices; eval: the final table only",
+        help="comma-separated splits the trained models are scored on: validation (carved from the train rows, for "
+        "screens and choices) and eval (realmed's eval split, for the final table only)",
     )
     parser.add_argument("--validation_share", type=float, default=0.1, help="share of train groups held out")
     parser.add_argument(
@@ -148,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     args.seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else None
+    args.score_on = [split.strip() for split in args.score_on.split(",") if split.strip()]
+    if not args.score_on or set(args.score_on) - set(SCORED_SPLITS):
+        parser.error(f"--score_on takes a comma-separated subset of {','.join(SCORED_SPLITS)}")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -162,10 +168,13 @@ configs:
   data_files:
   - split: train
     path: data/train-*.parquet
+  - split: validation
+    path: data/validation-*.parquet
   - split: eval
     path: data/eval-*.parquet
 ---
-Derived by benchmarks/realmed.py from realmed (not for redistribution): train = {train}; eval = {eval}.
+Derived by benchmarks/realmed.py from realmed (not for redistribution): train = {train}; validation = {validation};
+eval = realmed's eval split ({eval}).
 """
 
 
@@ -175,13 +184,13 @@ def in_validation(group: str, share: float) -> bool:
     return int(hashlib.sha256(group.encode()).hexdigest(), 16) % 10_000 < share * 10_000
 
 
-def carve_splits(data: Path, output_dir: Path, score_on: str, share: float) -> Path:
-    """A realmed-shaped folder OUT/data-SCORE_ON whose train split is realmed's train rows outside the validation
-    groups, and whose eval split is the validation rows (score_on="validation", for every screen and choice) or
-    realmed's eval split (score_on="eval", the final table only). Rows of one group (realmed's `group` column: a
-    MedPix case, a patient, an image; the report text where there is no such column) stay on one side."""
-    folder = output_dir / f"data-{score_on}"
-    if (folder / "data" / "train-0000-of-0001.parquet").is_file():
+def carve_splits(data: Path, output_dir: Path, share: float) -> Path:
+    """A realmed-shaped folder OUT/data whose train split is realmed's train rows outside the validation groups,
+    whose validation split is the rows of those groups (for every screen and choice) and whose eval split is
+    realmed's own (the final table only). Rows of one group (realmed's `group` column: a MedPix case, a patient, an
+    image; the report text where there is no such column) stay on one side."""
+    folder = output_dir / "data"
+    if (folder / "README.md").is_file():
         return folder
     (folder / "data").mkdir(parents=True, exist_ok=True)
     train = pyarrow.concat_tables(
@@ -189,16 +198,19 @@ def carve_splits(data: Path, output_dir: Path, score_on: str, share: float) -> P
     )
     groups = train.column("group" if "group" in train.column_names else "text").to_pylist()
     validation = [in_validation(str(group), share) for group in groups]
-    fit = train.filter(pyarrow.array([not held for held in validation]))
-    if score_on == "validation":
-        scored = train.filter(pyarrow.array(validation))
-    else:
-        scored = read_split(data, "eval")
-    parquet.write_table(fit, folder / "data" / "train-0000-of-0001.parquet")
-    parquet.write_table(scored, folder / "data" / "eval-0000-of-0001.parquet")
-    described = {"train": f"{fit.num_rows} train rows outside the validation groups",
-                 "eval": f"{scored.num_rows} rows of the {score_on} split"}  # fmt: skip
-    (folder / "README.md").write_text(SPLIT_CARD.format(**described))
+    splits = {
+        "train": train.filter(pyarrow.array([not held for held in validation])),
+        "validation": train.filter(pyarrow.array(validation)),
+        "eval": read_split(data, "eval"),
+    }
+    for split, rows in splits.items():
+        parquet.write_table(rows, folder / "data" / f"{split}-0000-of-0001.parquet")
+    described = {
+        "train": f"{splits['train'].num_rows} of realmed's train rows, outside the validation groups",
+        "validation": f"the other {splits['validation'].num_rows}",
+        "eval": f"{splits['eval'].num_rows} rows",
+    }
+    (folder / "README.md").write_text(SPLIT_CARD.format(**described))  # written last: the folder is complete
     return folder
 
 
@@ -263,33 +275,44 @@ def pretrain_command(args, output_dir: Path, extra: list[str], max_steps: int, m
         "--sentence_sampling", str(args.sentence_sampling), "--warmup_steps", str(max(1, max_steps // 10)),
         "--max_steps", str(max_steps), "--eval_steps", "0", "--logging_steps", str(logging_steps(args)),
         "--report_to", "none", "--num_workers", str(args.num_workers), "--output_dir", str(output_dir),
+        "--eval_split", "validation",
         "--overwrite_output_dir", "--seed", str(args.seed), *extra,
     ]  # fmt: skip
     return command + (["--max_train_minutes", str(minutes)] if minutes else [])
 
 
-def finished_record(args, name: str) -> dict | None:
-    """The record of a system that already ran in OUT (delete OUT/SYSTEM to run it again)."""
+def scores_folder(run_folder: Path, split: str) -> Path:
+    """Where a run's scores on `split` go: RUN/scored_on_SPLIT (and the anchor's prompts in its anchor_prompts/)."""
+    return run_folder / f"scored_on_{split}"
+
+
+def finished_record(args, name: str, split: str) -> dict | None:
+    """The record of a system that already ran in OUT and was scored on `split` (delete OUT/SYSTEM to rerun it)."""
     folder = args.output_dir / name
-    results = folder / RUN_DIR / "eval" / "results.json"
+    scores = scores_folder(folder / RUN_DIR, split)
+    results = scores / "results.json"
     if not results.is_file() or not (folder / "scheduled_steps.txt").is_file():
         return None
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     metrics = json.loads(results.read_text())["metrics"]
-    anchor_results = folder / RUN_DIR / ANCHOR_PROMPT_EVAL / "results.json"
+    anchor_results = scores / ANCHOR_PROMPT_EVAL / "results.json"
     if anchor_results.is_file():
         metrics.update({f"anchor/{k}": v for k, v in json.loads(anchor_results.read_text())["metrics"].items()})
     steady = steady_images_per_second(folder / RUN_DIR / "train_log.jsonl")
     return record(name, summary, metrics, int((folder / "scheduled_steps.txt").read_text()), steady)
 
 
-def finished_or_run(args, name: str, run_system) -> dict:
-    """The system's finished record if OUT has one, else `run_system()`."""
-    row = finished_record(args, name)
-    if row is None:
-        return run_system()
-    print(f"[{name}] reusing the finished run in {args.output_dir / name}")
-    return row
+def trained(folder: Path) -> bool:
+    """Whether OUT/SYSTEM holds a finished training run (then it is scored, never trained again)."""
+    return (folder / "scheduled_steps.txt").is_file() and (folder / RUN_DIR / "run_summary.json").is_file()
+
+
+def unscored_splits(args, name: str) -> list[str]:
+    return [
+        split
+        for split in args.score_on
+        if not (scores_folder(args.output_dir / name / RUN_DIR, split) / "results.json").is_file()
+    ]
 
 
 def seeded(name: str) -> tuple[str, list[str]]:
@@ -298,42 +321,65 @@ def seeded(name: str) -> tuple[str, list[str]]:
     return system, ["--seed", seed] if seed else []
 
 
-def run_medmoe(args, name: str) -> dict:
-    """Calibrate, train for the budget, evaluate; the run's summary with the evaluation's metrics."""
+def calibrated_steps(args, name: str, extra: list[str]) -> int:
+    """The schedule's steps for run NAME: another seed's of the same system when one has trained in OUT (every seed
+    of a system trains the same schedule, sized once on a quiet machine), else a calibration run's."""
+    system, _ = seeded(name)
+    for steps_file in sorted(args.output_dir.glob(f"{system}@*/scheduled_steps.txt")):
+        print(f"[{name}] the schedule of {steps_file.parent.name}: {steps_file.read_text().strip()} steps")
+        return int(steps_file.read_text())
+    folder = args.output_dir / name
+    print(f"[{name}] calibrating ({args.calibration_steps} steps) ...", flush=True)
+    run(
+        pretrain_command(args, folder / "calibration", extra, args.calibration_steps, None),
+        folder / "calibration.log",
+    )
+    return schedule_steps(args, folder / "calibration" / "train_log.jsonl")
+
+
+def run_medmoe(args, name: str) -> None:
+    """Calibrate and train for the budget (unless OUT/NAME has trained), then score on every split not yet scored."""
     system, seed_arguments = seeded(name)
     extra = [*MEDMOE_SYSTEMS[system], *seed_arguments]  # argparse keeps the last --seed
     folder = args.output_dir / name
-    calibration = folder / "calibration"
-    print(f"[{name}] calibrating ({args.calibration_steps} steps) ...", flush=True)
-    run(
-        pretrain_command(args, calibration, extra, args.calibration_steps, None),
-        folder / "calibration.log",
-    )
-    steps = schedule_steps(args, calibration / "train_log.jsonl")
-    print(f"[{name}] training: {args.minutes} min budget, schedule of {steps} steps ... (log: {folder}/train.log)")
-    minutes = args.minutes if args.clock_stop else None  # by steps: the calibration (on a quiet machine) sized them
-    run(pretrain_command(args, folder / RUN_DIR, extra, steps, minutes), folder / "train.log")
-    print(f"[{name}] evaluating ...", flush=True)
-    evaluate = [
-        sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
-        "--dataset_name", str(args.data),
-        "--tasks", EVAL_TASKS, "--probe_columns", "modality,label", "--max_train_samples", "4000",
-        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR / "eval"),
-    ]  # fmt: skip
-    run(evaluate, folder / "evaluate.log")
-    anchor_zero_shot = [
-        sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
-        "--dataset_name", str(args.data), "--tasks", "zero_shot", *ANCHOR_PROMPTS,
-        "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR / ANCHOR_PROMPT_EVAL),
-    ]  # fmt: skip
-    run(anchor_zero_shot, folder / "evaluate_anchor_prompts.log")
-    (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
-    return finished_record(args, name)
+    if trained(folder):
+        print(f"[{name}] reusing the trained run in {folder}")
+    else:
+        steps = calibrated_steps(args, name, extra)
+        print(f"[{name}] training: {args.minutes} min budget, schedule of {steps} steps ... (log: {folder}/train.log)")
+        minutes = args.minutes if args.clock_stop else None  # by steps: the calibration (on a quiet machine) sized them
+        run(pretrain_command(args, folder / RUN_DIR, extra, steps, minutes), folder / "train.log")
+        (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
+    for split in unscored_splits(args, name):
+        print(f"[{name}] scoring on {split} ...", flush=True)
+        scores = scores_folder(folder / RUN_DIR, split)
+        common = [
+            sys.executable, "training/run_evaluation.py", "--model", str(folder / RUN_DIR),
+            "--dataset_name", str(args.data), "--eval_split", split, "--num_workers", str(args.num_workers),
+        ]  # fmt: skip
+        evaluate = [
+            *common, "--tasks", EVAL_TASKS, "--probe_columns", "modality,label", "--max_train_samples", "4000",
+            "--output_dir", str(scores),
+        ]  # fmt: skip
+        run(evaluate, folder / f"evaluate_{split}.log")
+        anchor_zero_shot = [
+            *common,
+            "--tasks",
+            "zero_shot",
+            *ANCHOR_PROMPTS,
+            "--output_dir",
+            str(scores / ANCHOR_PROMPT_EVAL),
+        ]
+        run(anchor_zero_shot, folder / f"evaluate_{split}_anchor_prompts.log")
 
 
-def run_open_clip_train(args, name: str = "open_clip_train") -> dict:
-    """The anchor: open_clip's own training CLI with the recipe, budget-stopped, scored alike
-    (benchmarks/open_clip_train_anchor.py in the open_clip environment); NAME@SEED sets the CLI's seed."""
+def run_open_clip_train(args, name: str = "open_clip_train") -> None:
+    """The anchor: open_clip's own training CLI with the recipe, budget-stopped, scored alike on every split
+    (benchmarks/open_clip_train_anchor.py in the open_clip environment); NAME@SEED sets the CLI's seed. Skipped when
+    OUT/NAME was scored on every split already."""
+    if not unscored_splits(args, name):
+        print(f"[{name}] reusing the finished run in {args.output_dir / name}")
+        return
     _, seed_arguments = seeded(name)
     folder = args.output_dir / name
     python = open_clip_python(args)
@@ -341,18 +387,16 @@ def run_open_clip_train(args, name: str = "open_clip_train") -> dict:
     if subprocess.run(check, capture_output=True).returncode != 0:
         install = [str(python), "-m", "pip", "install", "--quiet", *RECIPE_PACKAGES]
         run(install, folder / "install_recipe.log")
-    print(
-        f"[open_clip_train] timing 1 epoch, training for {args.minutes} min, evaluating ... (log: {folder}/train.log)"
-    )
+    print(f"[{name}] training for {args.minutes} min of schedule, scoring ... (log: {folder}/train.log)")
     command = [
         str(python), "benchmarks/open_clip_train_anchor.py", "--data", str(args.data), "--minutes", str(args.minutes),
         "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR), *seed_arguments,
+        "--score_splits", ",".join(args.score_on),
         *([] if args.clock_stop else ["--no_clock_stop", *anchor_epochs(args)]),
     ]  # fmt: skip
     run(command, folder / "train.log")
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     (folder / "scheduled_steps.txt").write_text(f"{summary['steps_scheduled']}\n")
-    return finished_record(args, name)
 
 
 def anchor_epochs(args) -> list[str]:
@@ -382,8 +426,12 @@ def open_clip_python(args) -> Path:
     return python
 
 
-def run_open_clip(args, tokenizer: Path) -> dict:
+def run_open_clip(args, tokenizer: Path) -> None:
+    """The equal-size open_clip: calibrated, trained by benchmarks/open_clip_baseline.py, scored on every split."""
     folder = args.output_dir / "open_clip"
+    if not unscored_splits(args, "open_clip"):
+        print(f"[open_clip] reusing the finished run in {folder}")
+        return
     python = open_clip_python(args)
     common = [
         str(python), "benchmarks/open_clip_baseline.py", "--dataset_name", str(args.data),
@@ -402,10 +450,10 @@ def run_open_clip(args, tokenizer: Path) -> dict:
     training = [
         "--output_dir", str(folder / RUN_DIR), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 10)),
         "--max_train_minutes", str(args.minutes), "--logging_steps", str(logging_steps(args)),
+        "--score_splits", ",".join(args.score_on),
     ]  # fmt: skip
     run(common + training, folder / "train.log")
     (folder / "scheduled_steps.txt").write_text(f"{steps}\n")
-    return finished_record(args, "open_clip")
 
 
 def steady_images_per_second(train_log: Path) -> float:
@@ -489,32 +537,41 @@ def seeds_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     args = parse_args(argv)
     if not realmed_present(args.data):
         print(f"realmed not found at {args.data} (no data/train-*.parquet and data/eval-*.parquet); skipping.")
-        return []
+        return {}
     args.output_dir = args.output_dir.resolve()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    args.data = carve_splits(args.data.resolve(), args.output_dir, args.score_on, args.validation_share)
-    print(f"Training on realmed's train rows outside the validation groups; scoring on {args.score_on} ({args.data}).")
+    args.data = carve_splits(args.data.resolve(), args.output_dir, args.validation_share)
+    scored = " and ".join(args.score_on)
+    print(f"Training on realmed's train rows outside the validation groups; scoring on {scored} ({args.data}).")
     medmoe_systems = [name for name in args.systems if name in MEDMOE_SYSTEMS]
     medmoe_runs = [f"{name}@{seed}" for name in medmoe_systems for seed in args.seeds] if args.seeds else medmoe_systems
-    rows = [finished_or_run(args, name, lambda name=name: run_medmoe(args, name)) for name in medmoe_runs]
+    names = list(medmoe_runs)
+    for name in medmoe_runs:
+        run_medmoe(args, name)
     if "open_clip" in args.systems:
-        tokenizer = args.output_dir / medmoe_runs[0] / RUN_DIR / "tokenizer"
-        rows.append(finished_or_run(args, "open_clip", lambda: run_open_clip(args, tokenizer)))
+        run_open_clip(args, args.output_dir / medmoe_runs[0] / RUN_DIR / "tokenizer")
+        names.append("open_clip")
     if "open_clip_train" in args.systems:
         anchors = [f"open_clip_train@{seed}" for seed in args.seeds] if args.seeds else ["open_clip_train"]
-        rows += [finished_or_run(args, name, lambda name=name: run_open_clip_train(args, name)) for name in anchors]
-    table = markdown_table(rows, args.minutes)
-    if args.seeds:
-        table += "\n\n" + seeds_table(rows)
-    (args.output_dir / "summary.json").write_text(json.dumps({"minutes": args.minutes, "systems": rows}, indent=2))
+        for name in anchors:
+            run_open_clip_train(args, name)
+        names += anchors
+    rows = {split: [finished_record(args, name, split) for name in names] for split in args.score_on}
+    tables = []
+    for split, split_rows in rows.items():
+        table = f"## Scored on {split}\n\n" + markdown_table(split_rows, args.minutes)
+        tables.append(table + ("\n\n" + seeds_table(split_rows) if args.seeds else ""))
+    table = "\n\n".join(tables)
+    summary = {"minutes": args.minutes, "seeds": args.seeds, "scored_on": rows}
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (args.output_dir / "table.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\nResults: {args.output_dir}/summary.json and table.md; each system's runs and logs in {args.output_dir}/")
-    speed = {row["system"]: row["train_images_per_s"] for row in rows}
+    speed = {row["system"]: row["train_images_per_s"] for row in rows[args.score_on[0]]}
     if "medmoe" in speed and "open_clip" in speed:
         print_json({"pretrain_medmoe_vs_open_clip_images_per_s": speed["medmoe"] / speed["open_clip"]})
     return rows

@@ -68,7 +68,8 @@ def test_the_loop_baseline_computes_the_same_loss_and_gradients():
 
 @pytest.fixture(scope="module")
 def tiny_realmed(tmp_path_factory):
-    """A folder laid out like realmed (data/train-*.parquet, data/eval-*.parquet) with phantom rows."""
+    """A folder laid out like realmed (a card naming the splits, data/train-*.parquet, data/eval-*.parquet) with
+    phantom rows."""
     import io
 
     import numpy as np
@@ -95,6 +96,8 @@ def tiny_realmed(tmp_path_factory):
                 {"image": image, "text": phantom["text"], "modality": phantom["modality"], "label": phantom["finding"]}
             )
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "data" / f"{split}-0000-of-0001.parquet")
+    splits = "".join(f"  - split: {split}\n    path: data/{split}-*.parquet\n" for split in ("train", "eval"))
+    (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{splits}---\n")
     return folder
 
 
@@ -117,20 +120,22 @@ def test_realmed_benchmark_carves_a_grouped_validation_split_from_train(tiny_rea
 
     from benchmarks import realmed
 
-    folder = realmed.carve_splits(tiny_realmed, tmp_path, "validation", 0.25)
-    fit, validation = (pq.read_table(folder / "data" / f"{split}-0000-of-0001.parquet") for split in ("train", "eval"))
+    folder = realmed.carve_splits(tiny_realmed, tmp_path, 0.25)
+    fit, validation, scored = (
+        pq.read_table(folder / "data" / f"{split}-0000-of-0001.parquet") for split in ("train", "validation", "eval")
+    )
     train = realmed.read_split(tiny_realmed, "train")
     assert fit.num_rows + validation.num_rows == train.num_rows and 0 < validation.num_rows < train.num_rows
     assert not set(fit.column("text").to_pylist()) & set(validation.column("text").to_pylist())  # groups stay whole
-    assert realmed.realmed_present(folder) and "split: eval" in (folder / "README.md").read_text()
-    again = realmed.carve_splits(tiny_realmed, tmp_path / "again", "validation", 0.25)
-    assert pq.read_table(again / "data" / "eval-0000-of-0001.parquet").equals(validation)  # deterministic
-    final = realmed.carve_splits(tiny_realmed, tmp_path, "eval", 0.25)
-    assert pq.read_table(final / "data" / "train-0000-of-0001.parquet").equals(fit)  # the same training rows
-    assert (
-        pq.read_table(final / "data" / "eval-0000-of-0001.parquet").num_rows
-        == realmed.read_split(tiny_realmed, "eval").num_rows
-    )
+    assert scored.equals(realmed.read_split(tiny_realmed, "eval"))  # realmed's eval split, untouched
+    card = (folder / "README.md").read_text()
+    assert realmed.realmed_present(folder) and "split: validation" in card and "split: eval" in card
+    again = realmed.carve_splits(tiny_realmed, tmp_path / "again", 0.25)
+    assert pq.read_table(again / "data" / "validation-0000-of-0001.parquet").equals(validation)  # deterministic
+    args = realmed.parse_args(["--data", str(tiny_realmed), "--score_on", "validation,eval"])
+    assert args.score_on == ["validation", "eval"]
+    with pytest.raises(SystemExit):
+        realmed.parse_args(["--data", str(tiny_realmed), "--score_on", "test"])
 
 
 def test_realmed_benchmark_seeds_give_mean_and_deviation_and_calls_only_beyond_the_deviation():
@@ -156,26 +161,38 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
 
     from benchmarks import realmed
 
-    args = realmed.parse_args(["--data", str(tiny_realmed), "--minutes", "2", "--output_dir", str(tmp_path)])
+    argv = ["--data", str(tiny_realmed), "--minutes", "2", "--output_dir", str(tmp_path)]
+    args = realmed.parse_args(argv)
     assert realmed.realmed_present(tiny_realmed) and not realmed.realmed_present(tmp_path)
     log = tmp_path / "train_log.jsonl"
     log.write_text("\n".join(json.dumps({"images_per_s": speed}) for speed in (5.0, 30.0, 34.0)))
     assert realmed.schedule_steps(args, log) == int(2 * 60 * 32 / 64)  # mean of the last two windows, batch 64
-    assert realmed.finished_record(args, "medmoe") is None
+    assert realmed.finished_record(args, "medmoe", "validation") is None
     folder = tmp_path / "medmoe"
-    (folder / realmed.RUN_DIR / "eval").mkdir(parents=True)
+    scores = realmed.scores_folder(folder / realmed.RUN_DIR, "validation")
+    (scores / realmed.ANCHOR_PROMPT_EVAL).mkdir(parents=True)
     summary = {"parameters": 2_800_000, "steps": 50, "train_seconds": 100.0, "images_seen": 1600}
     (folder / realmed.RUN_DIR / "run_summary.json").write_text(json.dumps(summary))
     results = {"metrics": {"retrieval/image_to_text_R@10": 0.25}}
-    (folder / realmed.RUN_DIR / "eval" / "results.json").write_text(json.dumps(results))
+    (scores / "results.json").write_text(json.dumps(results))
+    anchor_prompts = {"metrics": {"zero_shot/accuracy": 0.5}}
+    (scores / realmed.ANCHOR_PROMPT_EVAL / "results.json").write_text(json.dumps(anchor_prompts))
+    assert not realmed.trained(folder)
     (folder / "scheduled_steps.txt").write_text("60\n")
+    assert realmed.trained(folder) and realmed.unscored_splits(args, "medmoe") == []
+    both = realmed.parse_args([*argv, "--score_on", "validation,eval"])
+    assert realmed.unscored_splits(both, "medmoe") == ["eval"]  # a trained run is scored, not trained, again
     windows = (9.0, 20.0, 22.0, 30.0)  # training throughput: the median after the first (start-up) window
     log_lines = [json.dumps({"images_per_s": speed}) for speed in windows]
     (folder / realmed.RUN_DIR / "train_log.jsonl").write_text("\n".join(log_lines))
-    row = realmed.finished_record(args, "medmoe")
+    row = realmed.finished_record(args, "medmoe", "validation")
     assert row["images_per_s"] == 16.0 and row["train_images_per_s"] == 22.0 and row["scheduled_steps"] == 60
+    assert row["metrics"]["anchor/zero_shot/accuracy"] == 0.5
     table = realmed.markdown_table([row], args.minutes)
     assert "| medmoe | 2.80M | 2 min | 50 | 16.0 | – | – | 0.250 |" in table
+    (tmp_path / "medmoe@43").mkdir()
+    (tmp_path / "medmoe@43" / "scheduled_steps.txt").write_text("77\n")
+    assert realmed.calibrated_steps(args, "medmoe@44", []) == 77  # every seed of a system trains one schedule
     assert realmed.train_modalities(tiny_realmed) == ["X-ray", "CT", "MRI", "ultrasound", "pathology", "fundus"]
     command = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["medmoe"], 9, 2)
     assert command[command.index("--expert_names") + 1] == "X-ray,CT,MRI,ultrasound,pathology,fundus"
@@ -186,6 +203,7 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     assert "--expert_names" not in single  # a system that sets its own experts keeps them
     assert command[command.index("--sentence_sampling") + 1] == "0.5" and command[-2:] == ["--max_train_minutes", "2"]
     assert command[command.index("--seed") + 1] == "42"  # --seed, for every MedMoE system
+    assert command[command.index("--eval_split") + 1] == "validation"  # nothing in training looks at eval
     second_seed = realmed.pretrain_command(args, tmp_path, realmed.MEDMOE_SYSTEMS["medmoe_seed43"], 9, 2)
     last_seed = max(index for index, argument in enumerate(second_seed) if argument == "--seed")
     assert second_seed[last_seed + 1] == "43"  # argparse keeps the last value: the system's own seed
@@ -209,12 +227,12 @@ def test_open_clip_baseline_trains_and_is_scored_by_the_evaluation_code(tiny_rea
     )  # fmt: skip
     assert summary["steps"] == 3 and summary["images_seen"] == 24
     assert len((output_dir / "train_log.jsonl").read_text().splitlines()) == 3
-    metrics = json.loads((output_dir / "eval" / "results.json").read_text())["metrics"]
+    metrics = json.loads((output_dir / "scored_on_eval" / "results.json").read_text())["metrics"]
     for name in ("zero_shot/accuracy", "retrieval/text_to_image_R@10", "linear_probe/accuracy_100%"):
         assert 0 <= metrics[name] <= 1, name
     assert "linear_probe_label/accuracy_100%" in metrics
     assert (output_dir / "model.safetensors").is_file()
-    anchor_prompts = json.loads((output_dir / "eval_anchor_prompts" / "results.json").read_text())
+    anchor_prompts = json.loads((output_dir / "scored_on_eval" / "anchor_prompts" / "results.json").read_text())
     assert "zero_shot/mean_per_class_accuracy" in anchor_prompts["metrics"]
 
 
@@ -242,9 +260,9 @@ def test_the_anchor_trains_with_open_clips_own_cli_and_is_scored_by_the_evaluati
     assert summary["steps_scheduled"] == 2  # one epoch of 144 rows in batches of 64
     rows = (tmp_path / "open_clip_train" / "csv" / "train.csv").read_text().splitlines()
     assert rows[0] == "filepath,title" and len(rows) > 1
-    metrics = json.loads((output_dir / "eval" / "results.json").read_text())["metrics"]
+    metrics = json.loads((output_dir / "scored_on_eval" / "results.json").read_text())["metrics"]
     assert "retrieval/text_to_image_text_match_R@10" in metrics
-    anchor_prompts = json.loads((output_dir / "eval_anchor_prompts" / "results.json").read_text())
+    anchor_prompts = json.loads((output_dir / "scored_on_eval" / "anchor_prompts" / "results.json").read_text())
     assert anchor_prompts["details"]["zero_shot"]["templates"] == [
         "a {} image",
         "a medical {} scan",
