@@ -132,7 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated seeds: every MedMoE system and the anchor run once per seed (as SYSTEM@SEED), and the "
         "table gives mean ± standard deviation, ahead or behind the anchor only beyond the larger deviation",
     )
-    parser.add_argument("--calibration_steps", type=int, default=12, help="steps timed to size each schedule")
+    parser.add_argument(
+        "--calibration_steps",
+        type=int,
+        default=100,
+        help="steps timed to size each schedule (about two passes over the train rows: the passes' starts are slow)",
+    )
     parser.add_argument(
         "--score_on",
         default="validation",
@@ -245,10 +250,10 @@ def run(command: list[str], log: Path) -> None:
 
 
 def images_per_second(train_log: Path) -> float:
-    """Throughput after warm-up: the mean of the last two logging windows of a calibration run."""
+    """Throughput after start-up: the logging windows after the first, time-weighted (their harmonic mean), so that
+    the slow windows where the stream starts another pass over the data count as much as they last."""
     records = [json.loads(line) for line in train_log.read_text().splitlines()]
-    recent = [record["images_per_s"] for record in records[-2:]]
-    return sum(recent) / len(recent)
+    return statistics.harmonic_mean([record["images_per_s"] for record in records[1:] or records])
 
 
 def schedule_steps(args, train_log: Path) -> int:

@@ -9,7 +9,8 @@ Prints the top-k rows (rank, cosine similarity, id, the expert that embedded the
 unless --model names another with the same embedding space. --expert keeps only images routed to that expert;
 --modality, --study and --patient filter on the DICOM tags the index stores (--modality CT: the file's own Modality
 tag, not the router's guess); --group series|study answers with the best image of each series or study and how many
-of its images matched.
+of its images matched, or, with --pool mean, scores each series or study by its pooled embedding (the mean of its
+images' embeddings: the frames of a multi-frame file indexed with --all_frames, the slices of a series).
 """
 
 from __future__ import annotations
@@ -55,12 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("series", "study"),
         help="one answer per series or study: its best image and how many matched",
     )
+    parser.add_argument(
+        "--pool",
+        choices=("best", "mean"),
+        default="best",
+        help="with --group: score a series or study by its best image, or by the mean of its images' embeddings",
+    )
     parser.add_argument("--window", help="DICOM window of the query image: a CT preset or C,W")
     parser.add_argument("--contact_sheet", type=Path, help="write a PNG grid of the hits here")
     parser.add_argument("--json", action="store_true", help="print the hits as JSON instead of a table")
     parser.add_argument("--model", help="default: the model the index was built with")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pool == "mean" and not args.group:
+        parser.error("--pool mean pools the images of a series or study: add --group series or --group study")
+    return args
 
 
 class ArchiveSearch:
@@ -88,18 +98,22 @@ class ArchiveSearch:
 
     def search(
         self, query: torch.Tensor, k: int, expert: str | None = None, where: dict | None = None,
-        group: str | None = None,
+        group: str | None = None, pool: str = "best",
     ) -> list[dict]:  # fmt: skip
         """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`
         and those whose columns equal `where`'s values (e.g. {"modality": "CT"}, the DICOM tag). With `group` (a
         column such as series_uid), the k best groups instead: each its best row, with `matches`, how many of its
-        rows were among the hits. Each hit is the row (without its embedding) with `score` and `rank`."""
+        rows were among the hits (pool="best"), or scored by the group's pooled embedding, with `matches` the rows
+        pooled (pool="mean", see `pooled_groups`). Each hit is the row (without its embedding) with `score` and
+        `rank`."""
         if expert is not None and expert not in self.info["expert_names"]:
             raise ValueError(f"Unknown expert {expert!r}; the model's experts are {self.info['expert_names']}.")
         where = {**(where or {}), **({"expert": expert} if expert is not None else {})}
         for column in [*where, *([group] if group else [])]:
             if column not in self.dataset.column_names:
                 raise ValueError(f"The index has no column {column!r}; it has {self.dataset.column_names}.")
+        if group and pool == "mean":
+            return pooled_groups(self.dataset, query, k, group, where)
         total = len(self.dataset)
         wanted = min(k if not where and not group else 4 * k, total)
         while True:  # with a filter or groups, widen the search until k answers or the archive is exhausted
@@ -114,6 +128,35 @@ class ArchiveSearch:
             if len(hits) >= k or wanted >= total:
                 return [{"rank": rank, **hit} for rank, hit in enumerate(hits[:k], start=1)]
             wanted = min(2 * wanted, total)
+
+
+def pooled_groups(dataset, query: torch.Tensor, k: int, group: str, where: dict) -> list[dict]:
+    """The k values of `group` (a column such as series_uid) whose pooled embedding, the mean of their rows' unit
+    embeddings made unit again, is most similar to `query` [P], best first: each answered with its row most similar
+    to the query, `score` the pooled similarity and `matches` the number of rows pooled. Only rows whose columns equal
+    `where`'s values take part; rows without a `group` value (not DICOM) are left out."""
+    columns = {column: dataset[column] for column in {group, *where}}
+    members: dict = {}
+    for row, key in enumerate(columns[group]):
+        if key is not None and all(columns[column][row] == value for column, value in where.items()):
+            members.setdefault(key, []).append(row)
+    if not members:
+        return []
+    embeddings = dataset.with_format("numpy")
+    query_vector = query.numpy().astype(np.float32)
+    scored = []
+    for key, rows in members.items():
+        vectors = np.stack(embeddings[rows]["embedding"]).astype(np.float32)  # [N, P], unit rows
+        pooled = vectors.mean(axis=0)
+        similarities = vectors @ query_vector
+        score = float(pooled @ query_vector / max(np.linalg.norm(pooled), 1e-12))
+        scored.append((score, rows[int(similarities.argmax())], len(rows)))
+    scored.sort(key=lambda item: -item[0])
+    hits = []
+    for rank, (score, row, count) in enumerate(scored[:k], start=1):
+        fields = {key: value for key, value in dataset[row].items() if key != "embedding"}
+        hits.append({"rank": rank, "score": score, **fields, "matches": count})
+    return hits
 
 
 def best_per_group(hits: list[dict], column: str) -> list[dict]:
@@ -181,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             if value is not None
         }
         group = {"series": "series_uid", "study": "study_uid"}.get(args.group)
-        hits = searcher.search(query, args.k, args.expert, where, group)
+        hits = searcher.search(query, args.k, args.expert, where, group, args.pool)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     shown = [{key: value for key, value in hit.items() if key != "thumbnail"} for hit in hits]
@@ -190,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for hit in shown:
             path = printable(hit.get("path") or "")
-            grouped = f"  {hit[group]} ({hit['matches']} matched)" if group else ""
+            counted = "pooled" if args.pool == "mean" else "matched"
+            grouped = f"  {hit[group]} ({hit['matches']} {counted})" if group else ""
             print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {printable(hit['id'])}  {path}{grouped}")
     if args.contact_sheet:
         contact_sheet(hits, args.contact_sheet)

@@ -177,6 +177,17 @@ def test_dicom_studies_and_series_are_indexed_searched_and_grouped(nano_folder, 
     assert [(hit["series_uid"], hit["matches"]) for hit in hits] == [("1.2.3.1", 3)]
     with pytest.raises(ValueError, match="no column 'accession'"):
         searcher.search(query, k=1, where={"accession": "x"})
+    pooled = searcher.search(query, k=5, group="series_uid", pool="mean")
+    embeddings, series = np.array(searcher.dataset["embedding"]), np.array(searcher.dataset["series_uid"])
+    for hit in pooled:  # the score is the query's cosine with the series' mean embedding
+        mean = embeddings[series == hit["series_uid"]].mean(axis=0)
+        assert hit["score"] == pytest.approx(float(mean @ query.numpy() / np.linalg.norm(mean)), abs=1e-5)
+        assert hit["matches"] == 3 and hit["id"].startswith(f"s{hit['series_uid'][-1]}_")
+    assert [hit["score"] for hit in pooled] == sorted((hit["score"] for hit in pooled), reverse=True)
+    assert [hit["series_uid"] for hit in searcher.search(query, k=5, group="series_uid", pool="mean",
+                                                         where={"modality": "MR"})] == ["1.2.3.1"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        search_script.parse_args(["--index", str(out), "--text", "chest", "--pool", "mean"])  # pools nothing
 
 
 def test_a_deidentified_index_holds_pseudonyms_that_group_alike_under_one_key(nano_folder, tmp_path, monkeypatch):
@@ -264,5 +275,10 @@ def test_every_frame_of_a_multi_frame_dicom_can_be_a_row_and_series_gather_them(
     single = np.array(ArchiveSearch(tmp_path / "m", str(nano_folder)).dataset["embedding"][0])
     np.testing.assert_allclose(embeddings[7], single, atol=1e-6)  # the middle frame is the default row
     assert not np.allclose(embeddings[0], embeddings[7])
-    grouped = searcher.search(searcher.text_query("dose"), k=3, group="series_uid")
+    query = searcher.text_query("dose")
+    grouped = searcher.search(query, k=3, group="series_uid")
     assert len(grouped) == 1 and grouped[0]["matches"] == 15
+    [pooled] = searcher.search(query, k=3, group="series_uid", pool="mean")  # the series as one pooled embedding
+    mean = embeddings.mean(axis=0)
+    assert pooled["score"] == pytest.approx(float(mean @ query.numpy() / np.linalg.norm(mean)), abs=1e-5)
+    assert pooled["matches"] == 15 and pooled["frame"] == int((embeddings @ query.numpy()).argmax())

@@ -166,7 +166,7 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
     assert realmed.realmed_present(tiny_realmed) and not realmed.realmed_present(tmp_path)
     log = tmp_path / "train_log.jsonl"
     log.write_text("\n".join(json.dumps({"images_per_s": speed}) for speed in (5.0, 30.0, 34.0)))
-    assert realmed.schedule_steps(args, log) == int(2 * 60 * 32 / 64)  # mean of the last two windows, batch 64
+    assert realmed.schedule_steps(args, log) == int(2 * 60 * (2 / (1 / 30 + 1 / 34)) / 64)  # time-weighted, batch 64
     assert realmed.finished_record(args, "medmoe", "validation") is None
     folder = tmp_path / "medmoe"
     scores = realmed.scores_folder(folder / realmed.RUN_DIR, "validation")
