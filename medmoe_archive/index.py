@@ -16,6 +16,7 @@ columns) with a FAISS index (medmoe_archive/archive.py describes the folder); se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--deidentify_key_file", type=Path, help="the secret key's file (default: the MEDMOE_DEIDENTIFY_KEY variable)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print index_info.json's content and every skipped row (path and reason) as JSON on stdout, the "
+        "messages on stderr",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -229,9 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         sys.exit('medmoe-index needs faiss: pip install -e ".[search]" (or pip install faiss-cpu).')
     try:
-        index_archive(args)
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            info = index_archive(args)
     except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"error: {error}")
+    if args.json:
+        skipped_path = args.output_dir / archive.SKIPPED_FILE
+        lines = skipped_path.read_text().splitlines() if skipped_path.is_file() else []
+        print(json.dumps({**info, "skipped_rows": [json.loads(line) for line in lines]}, indent=2))
 
 
 def index_archive(args: argparse.Namespace) -> dict:

@@ -227,6 +227,9 @@ def test_medmoe_index_skips_lists_and_survives_bad_entries(nano_folder, tmp_path
     assert {entry["id"] for entry in listed} == {"bomb.png", "pipe", "fifo.dcm", "self", "loop_a", "loop_b",
                                                  "dangling.png"}  # fmt: skip
     capsys.readouterr()
+    index_script.main(["--model", str(nano_folder), "--images", str(folder), "--output_dir", str(out), "--json"])
+    printed = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone (the messages went to stderr)
+    assert printed["rows"] == 2 and printed["skipped_rows"] == listed
     search_script.main(["--index", str(out), "--text", "Axial CT.", "--k", "2"])
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 and any("new\\nline.png" in line for line in table)
