@@ -86,3 +86,16 @@ def test_every_documented_command_parses(document, script, arguments):
             parse_args(arguments)
         except SystemExit as exit:
             assert exit.code == 0, f"{document}: {script} {' '.join(arguments)}\n{errors.getvalue()}"
+
+
+def test_the_air_gap_wheelhouse_holds_every_extra_the_tools_use():
+    """docs/offline.md's two commands name the same extras: every extra of pyproject.toml a user runs inside
+    (all but the test tools and the demo, whose gradio pins Pillow)."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    offline = (ROOT / "docs" / "offline.md").read_text()
+    built = re.search(r'pip wheel -w wheels "\.\[([a-z,]+)\]"', offline)
+    installed = re.search(r'pip install --no-index --find-links wheels "medmoe\[([a-z,]+)\]"', offline)
+    assert built and installed
+    assert set(built.group(1).split(",")) == set(installed.group(1).split(",")) == extras - {"dev", "demo"}
