@@ -380,10 +380,24 @@ def test_card_states_what_happened_in_a_run_stopped_by_the_budget(tmp_path):
     built = card.split("fuses a 4-level ")[1].split(" feature pyramid")[0]
     assert built.startswith(f"`{backbone.backbone}` (") and built.endswith(") at 64 px")
     assert "embed_dim=32" in built and "depths=[1, 1, 2, 1]" in built
-    assert "| data | realmed-like |" in card and "`realmed-like`, split `eval`" in card
+    assert "| data | local dataset |" in card and "`local dataset`, split `eval`" in card
     for name in ("README.md", "args.json", "eval_results.json", "config.json"):
         text = (model_dir / name).read_text()
-        assert "st-elsewhere-hospital" not in text, name  # the data's folders (the model's own path may appear)
+        for folder in ("st-elsewhere-hospital", "realmed-like"):  # the data's folders (the model's own path may appear)
+            assert folder not in text, name
+
+
+def test_local_data_is_named_on_cards_only_as_the_user_chooses(tmp_path):
+    from training.evaluation import dataset_description, public_dataset_name
+
+    folder = tmp_path / "st-elsewhere-oncology"
+    folder.mkdir()
+    assert public_dataset_name(str(folder)) == "local dataset"
+    assert public_dataset_name("synthetic", str(folder / "*.parquet")) == "local dataset"
+    assert public_dataset_name(str(folder), card_name="oncology-reports-2024") == "oncology-reports-2024"
+    assert public_dataset_name("org/public-set") == "org/public-set" and public_dataset_name("synthetic") == "synthetic"
+    described = dataset_description(str(folder), None, "eval", "oncology-reports-2024")
+    assert described == {"name": "oncology-reports-2024", "type": "oncology-reports-2024", "split": "eval"}
 
 
 def test_config_overrides_reach_the_sub_configs_and_refuse_unknown_keys():

@@ -74,6 +74,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -
     data.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
     data.add_argument("--text_column", help="default: detected (text, report, caption, findings, ...)")
     data.add_argument("--report_type_column", help="column naming the modality; default: read from the report text")
+    data.add_argument(
+        "--dataset_card_name",
+        help="how model cards, args.json and results name local data (default: 'local dataset': no folder or file "
+        "name of it is written); synthetic and Hub ids are named as themselves",
+    )
     data.add_argument("--shuffle_buffer", type=int, default=1000)
     if training:
         data.add_argument(

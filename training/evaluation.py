@@ -166,23 +166,21 @@ def eval_results(metrics: dict[str, float], dataset: dict) -> list[dict]:
     return entries
 
 
-def public_dataset_name(dataset_name: str, files: str | None = None) -> str:
-    """A dataset's name fit for a model card: "synthetic" or a Hub id as given; a local folder or files by the
-    folder's name alone (a hospital's folder names can be private)."""
-    if files:
-        folder = Path(files.split(",")[0]).parent
-        while folder.name in ("data", "*", "**") or any(mark in folder.name for mark in "*?["):
-            folder = folder.parent
-        return folder.name or "local files"
-    path = Path(dataset_name)
-    if dataset_name.startswith((".", "/", "~")) or path.exists():
-        return path.expanduser().resolve().name
+LOCAL_DATASET = "local dataset"  # how a card names local data the user did not name
+
+
+def public_dataset_name(dataset_name: str, files: str | None = None, card_name: str | None = None) -> str:
+    """A dataset's name fit for a model card: "synthetic" or a Hub id as given; local data (a folder, files) as
+    the user chose to name it (`card_name`, --dataset_card_name), else "local dataset": a hospital's folder and file
+    names can be private, so none of them is written unless the user says so."""
+    if files or dataset_name.startswith((".", "/", "~")) or Path(dataset_name).exists():
+        return card_name or LOCAL_DATASET
     return dataset_name
 
 
-def dataset_description(dataset_name: str, files: str | None, split: str | None) -> dict:
+def dataset_description(dataset_name: str, files: str | None, split: str | None, card_name: str | None) -> dict:
     """{"name", "type", "split"} of an evaluation dataset, with `public_dataset_name`."""
-    name = public_dataset_name(dataset_name, files)
+    name = public_dataset_name(dataset_name, files, card_name)
     return {"name": name, "type": name, "split": split or "eval"}
 
 

@@ -149,7 +149,7 @@ def task_forward(args: argparse.Namespace, classes: list[str], device: torch.dev
 
 def evaluate_contrastive(model, loader, device, args) -> dict:
     """Retrieval and routing as training/evaluation.py defines them (the pretraining held-out check's figures)."""
-    dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
+    dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split, args.dataset_card_name)
     results = evaluate_retrieval_and_routing(model, loader, device, model.config.expert_names, dataset)
     return {**results["metrics"], "num_samples": results["num_samples"]}
 

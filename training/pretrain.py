@@ -426,7 +426,7 @@ def training_loop(args, accelerator, model, optimizer, scheduler, train_loader, 
     """Train until --max_steps or the --max_train_minutes budget (`loop.run_training`), logging, evaluating the
     held-out rows and checkpointing on the way. Returns (the held-out evaluations, the loop's seconds)."""
     unwrapped = accelerator.unwrap_model(model)
-    eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split)
+    eval_dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split, args.dataset_card_name)
     log_file = args.output_dir / "train_log.jsonl"
     evaluations = []
 
@@ -579,7 +579,9 @@ def public_run_config(run_config: dict) -> dict:
     """The run's arguments as they may be published with the model: the data by name (`public_dataset_name`), and
     local folders (output, tokenizer, text model, checkpoint) by their last component only."""
     public = {key: value for key, value in run_config.items() if key not in ("train_files", "eval_files")}
-    public["dataset_name"] = public_dataset_name(run_config["dataset_name"], run_config.get("train_files"))
+    public["dataset_name"] = public_dataset_name(
+        run_config["dataset_name"], run_config.get("train_files"), run_config.get("dataset_card_name")
+    )
     for key in LOCAL_PATH_ARGUMENTS:
         value = public.get(key)
         if value and (Path(value).exists() or str(value).startswith((".", "/", "~"))):

@@ -344,7 +344,9 @@ def evaluate_model(args: argparse.Namespace, model, processor, expert_names: lis
     if "attention" in args.tasks:
         attention(evaluation_run, args.output_dir)
 
-    dataset = evaluation.dataset_description(args.dataset_name, args.eval_files, args.eval_split)
+    dataset = evaluation.dataset_description(
+        args.dataset_name, args.eval_files, args.eval_split, args.dataset_card_name
+    )
     metrics, details = evaluation_run.metrics, evaluation_run.details
     if embedded is not None:
         results = evaluation.results_document(embedded, evaluation_run.expert_names, metrics, details, dataset)
