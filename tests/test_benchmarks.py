@@ -161,12 +161,13 @@ def test_realmed_benchmark_sizes_schedules_and_tabulates_finished_runs(tiny_real
 
     from benchmarks import realmed
 
-    argv = ["--data", str(tiny_realmed), "--minutes", "2", "--output_dir", str(tmp_path)]
+    argv = ["--data", str(tiny_realmed), "--minutes", "2", "--calibration_steps", "30", "--output_dir", str(tmp_path)]
     args = realmed.parse_args(argv)
     assert realmed.realmed_present(tiny_realmed) and not realmed.realmed_present(tmp_path)
     log = tmp_path / "train_log.jsonl"
     log.write_text("\n".join(json.dumps({"images_per_s": speed}) for speed in (5.0, 30.0, 34.0)))
     assert realmed.schedule_steps(args, log) == int(2 * 60 * (2 / (1 / 30 + 1 / 34)) / 64)  # time-weighted, batch 64
+    assert realmed.schedule_steps(realmed.parse_args([*argv, "--minutes", "0.5"]), log) == 30  # never under calibration
     assert realmed.finished_record(args, "medmoe", "validation") is None
     folder = tmp_path / "medmoe"
     scores = realmed.scores_folder(folder / realmed.RUN_DIR, "validation")
