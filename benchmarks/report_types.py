@@ -1,6 +1,7 @@
 """How often the report-type labeller is right, measured against a dataset's own modality column.
 
     python benchmarks/report_types.py --data ../shared/datasets/realmed
+    python benchmarks/report_types.py --data outputs/benchmark-realmed-final/data   # + the carved validation split
 
 For each split: coverage (share of reports the labeller gives a type) and precision (share of labelled reports
 whose type is the modality column's), the confusions, and the same without the `dermoscopy` rule (no default
@@ -21,7 +22,7 @@ if __package__ in (None, ""):
 from benchmarks.common import print_json, print_table  # noqa: E402
 from modeling_medmoe.report_types import detect_modality  # noqa: E402
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "validation", "eval")  # validation: the split benchmarks/realmed.py carves from train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,7 @@ def score(reports: list[str], truths: list[str], leave_out: str | None = None) -
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     files = {split: sorted((args.data / "data").glob(f"{split}-*.parquet")) for split in SPLITS}
+    files = {split: paths for split, paths in files.items() if paths or split != "validation"}
     if not all(files.values()):
         print(f"{args.data} holds no data/train-*.parquet and data/eval-*.parquet; nothing to measure.")
         return {}

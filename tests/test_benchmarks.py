@@ -280,11 +280,17 @@ def test_archive_index_benchmark_scores_the_approximate_index_against_flat():
     assert 0.5 < figures["ivf_recall_at_10"] <= 1.0  # clustered vectors: IVF finds most of the exact neighbours
 
 
-def test_report_type_benchmark_scores_the_labeller_against_the_modality_column(tiny_realmed, capsys):
+def test_report_type_benchmark_scores_the_labeller_against_the_modality_column(tiny_realmed, tmp_path, capsys):
+    import shutil
+
     from benchmarks import report_types
 
     results = report_types.main(["--data", str(tiny_realmed)])
     assert results["report_type_train_coverage"] > 0.5  # phantom reports name their modality
     assert results["report_type_eval_precision"] == 1.0
+    assert "report_type_validation_coverage" not in results  # realmed itself has no validation split
+    carved = shutil.copytree(tiny_realmed, tmp_path / "carved")
+    shutil.copy(next((carved / "data").glob("eval-*.parquet")), carved / "data" / "validation-0000-of-0001.parquet")
+    assert report_types.main(["--data", str(carved)])["report_type_validation_precision"] == 1.0
     assert report_types.main(["--data", str(tiny_realmed / "absent")]) == {}
     assert "nothing to measure" in capsys.readouterr().out
