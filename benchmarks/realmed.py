@@ -511,7 +511,10 @@ def seed_statistics(rows: list[dict]) -> dict[str, dict[str, tuple[float, float,
 
 
 def verdict(system: tuple[float, float, int], anchor: tuple[float, float, int]) -> str:
-    """ahead / behind when the two means differ by more than the larger standard deviation, else level."""
+    """ahead / behind when the two means differ by more than the larger standard deviation, else level; no call
+    ("") while a side has one run, whose deviation is unknown."""
+    if min(system[2], anchor[2]) < 2:
+        return ""
     margin = max(system[1], anchor[1])
     if system[0] - anchor[0] > margin:
         return "ahead"
@@ -533,11 +536,9 @@ def seeds_table(rows: list[dict]) -> str:
                 continue
             mean, deviation, _ = figures[metric]
             call = (
-                f" {verdict(figures[metric], anchor[metric])}"
-                if anchor.get(metric) and system != "open_clip_train"
-                else ""
+                verdict(figures[metric], anchor[metric]) if anchor.get(metric) and system != "open_clip_train" else ""
             )
-            cells.append(f"{mean:.3f} ± {deviation:.3f}{call}")
+            cells.append(f"{mean:.3f} ± {deviation:.3f} {call}".rstrip())
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

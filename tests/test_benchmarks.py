@@ -151,6 +151,7 @@ def test_realmed_benchmark_seeds_give_mean_and_deviation_and_calls_only_beyond_t
     assert realmed.verdict(stats["medmoe"][metric], stats["open_clip_train"][metric]) == "level"  # 0.02 apart
     assert realmed.verdict((0.20, 0.01, 3), (0.10, 0.02, 3)) == "ahead"
     assert realmed.verdict((0.05, 0.01, 3), (0.10, 0.02, 3)) == "behind"
+    assert realmed.verdict((0.20, 0.0, 1), (0.10, 0.0, 3)) == ""  # one run: no deviation, no call
     table = realmed.seeds_table(rows)
     assert "| medmoe (3) | 0.120 ± 0.020 level |" in table.replace(" | –", "")
     assert realmed.seeded("medmoe@43") == ("medmoe", ["--seed", "43"]) and realmed.seeded("medmoe") == ("medmoe", [])
