@@ -7,9 +7,9 @@ on realmed's eval split (--score_on validation,eval: the same trained models sco
 the number of steps a calibration sized (images/s x budget, recorded in OUT/SYSTEM/scheduled_steps.txt; later seeds
 of a system reuse its first seed's), not until a clock runs out (--clock_stop for that).
 
-    python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 20      # screens, on validation
-    python benchmarks/realmed.py --systems medmoe,open_clip_train --seeds 42,43,44 --minutes 20 \
-        --score_on validation,eval --output_dir outputs/benchmark-realmed-final     # the final table
+    python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 12      # screens, on validation
+    python benchmarks/realmed.py --systems medmoe,open_clip_train --seeds 42,43,44 --minutes 12 \
+        --score_on eval --output_dir outputs/benchmark-realmed-final   # the final table (2026-12-02, ~90 min)
 
 Every MedMoE system and the equal-size open_clip train on the realmed train split (same rows, tokens, 128-px images,
 batch of 64, learning rate 2e-3, schedule, half the reports cut to one sentence) for the steps --minutes of training
