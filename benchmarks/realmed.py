@@ -257,6 +257,7 @@ def images_per_second(train_log: Path) -> float:
 
 
 def schedule_steps(args, train_log: Path) -> int:
+    """Steps of the budget: calibrated images/s x --minutes / batch, never fewer than the calibration's own."""
     return max(args.calibration_steps, int(args.minutes * 60 * images_per_second(train_log) / args.batch_size))
 
 
