@@ -37,7 +37,7 @@ import open_clip  # noqa: E402
 import open_clip_train.main as open_clip_cli  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from benchmarks.open_clip_baseline import OpenClipForEvaluation, score_on_splits  # noqa: E402
 
@@ -179,11 +179,8 @@ class OpenClipProcessor:
         return encoding
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
-    open_clip.add_model_config(CONFIGS / f"{MODEL_NAME}.json")  # registered under the file's stem
+def train(args) -> tuple[torch.nn.Module, dict]:
+    """Steps (1)-(5): the CSV, the epochs, the CLI run; writes OUT/model.safetensors, train_log.jsonl, run_summary."""
     table = export_csv(args.data.resolve(), args.output_dir.parent / "csv")
     logs = args.output_dir / "logs"
     budget = 60 * args.minutes
@@ -219,6 +216,24 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(clocked.seconds(), 1),
     }
     (args.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return model, summary
+
+
+def trained_before(output_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The model and summary a finished run left in OUT (it is scored again, never retrained or re-timed)."""
+    print(f"[open_clip_train] reusing the trained model in {output_dir} (delete it to train again)", flush=True)
+    model = open_clip.create_model(MODEL_NAME)
+    model.load_state_dict(load_file(output_dir / "model.safetensors"))
+    return model.eval(), json.loads((output_dir / "run_summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    open_clip.add_model_config(CONFIGS / f"{MODEL_NAME}.json")  # registered under the file's stem
+    finished = all((args.output_dir / name).is_file() for name in ("model.safetensors", "run_summary.json"))
+    model, summary = trained_before(args.output_dir) if finished else train(args)
     _, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
     processor = OpenClipProcessor(preprocess, open_clip.get_tokenizer(MODEL_NAME))
     common_argv = [

@@ -393,14 +393,17 @@ def run_open_clip_train(args, name: str = "open_clip_train") -> None:
     if subprocess.run(check, capture_output=True).returncode != 0:
         install = [str(python), "-m", "pip", "install", "--quiet", *RECIPE_PACKAGES]
         run(install, folder / "install_recipe.log")
-    print(f"[{name}] training for {args.minutes} min of schedule, scoring ... (log: {folder}/train.log)")
+    rescoring = trained(folder)  # the training log stays as it was
+    work = "scoring the trained run" if rescoring else f"training for {args.minutes} min of schedule, scoring"
+    log = folder / ("score.log" if rescoring else "train.log")
+    print(f"[{name}] {work} ... (log: {log})")
     command = [
         str(python), "benchmarks/open_clip_train_anchor.py", "--data", str(args.data), "--minutes", str(args.minutes),
         "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR), *seed_arguments,
         "--score_splits", ",".join(args.score_on),
         *([] if args.clock_stop else ["--no_clock_stop", *anchor_epochs(args)]),
     ]  # fmt: skip
-    run(command, folder / "train.log")
+    run(command, log)
     summary = json.loads((folder / RUN_DIR / "run_summary.json").read_text())
     (folder / "scheduled_steps.txt").write_text(f"{summary['steps_scheduled']}\n")
 

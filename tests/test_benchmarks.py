@@ -270,6 +270,13 @@ def test_the_anchor_trains_with_open_clips_own_cli_and_is_scored_by_the_evaluati
         "a medical {} scan",
         "a {} of a patient",
     ]
+    weights = (output_dir / "model.safetensors").read_bytes()
+    rescored = open_clip_train_anchor.main(  # a finished run is scored on another split, never retrained
+        ["--data", str(data), "--score_splits", "train", "--max_train_samples", "48", "--num_workers", "0"]
+        + ["--output_dir", str(output_dir)]
+    )
+    assert rescored == summary and (output_dir / "model.safetensors").read_bytes() == weights
+    assert (output_dir / "scored_on_train" / "results.json").is_file()
 
 
 def test_archive_index_benchmark_scores_the_approximate_index_against_flat():
