@@ -38,17 +38,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_orthanc(folder: Path, timeout: float = 60.0) -> tuple[str, subprocess.Popen]:
-    """Orthanc with its DICOMweb plugin on a free localhost port, storing in `folder`: (its HTTP root, the
-    process). Raises FileNotFoundError when Orthanc or the plugin is not installed."""
+def start_orthanc(
+    folder: Path, timeout: float = 60.0, users: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen]:
+    """Orthanc with its DICOMweb plugin on a free localhost port, storing in `folder`, open or for `users`
+    ({name: password}, HTTP basic authentication): (its HTTP root, the process). Raises FileNotFoundError when
+    Orthanc or the plugin is not installed."""
     if shutil.which("Orthanc") is None or not Path(ORTHANC_PLUGIN).is_file():
         raise FileNotFoundError("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc "
                                 "orthanc-dicomweb)")  # fmt: skip
     port = free_port()
     config = {
         "Name": "medmoe", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-        "HttpPort": port, "DicomPort": 0, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "Plugins": [ORTHANC_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "HttpPort": port, "DicomPort": 0, "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {}, "Plugins": [ORTHANC_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     log = (folder / "orthanc.log").open("w")
@@ -56,7 +60,7 @@ def start_orthanc(folder: Path, timeout: float = 60.0) -> tuple[str, subprocess.
     root, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(f"{root}/system", timeout=2)
+            urllib.request.urlopen(orthanc_request(f"{root}/system", users), timeout=2)
             return root, server
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
@@ -83,10 +87,20 @@ def write_instances(folder: Path, count: int, studies: int = STUDIES) -> list[Pa
     return paths
 
 
-def upload(root: str, paths: list[Path]) -> None:
+def orthanc_request(url: str, users: dict[str, str] | None, data: bytes | None = None) -> urllib.request.Request:
+    """A request to Orthanc's REST API, as the first of `users` when it has users."""
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if users:
+        import base64
+
+        name, password = next(iter(users.items()))
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
+    return request
+
+
+def upload(root: str, paths: list[Path], users: dict[str, str] | None = None) -> None:
     for path in paths:
-        request = urllib.request.Request(f"{root}/instances", data=path.read_bytes(), method="POST")
-        urllib.request.urlopen(request, timeout=30)
+        urllib.request.urlopen(orthanc_request(f"{root}/instances", users, path.read_bytes()), timeout=30)
 
 
 def index_command(model: Path, source: list[str], output_dir: Path) -> list[str]:
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             upload(root, paths)
             folder_seconds = timed(index_command(model, ["--images", str(work / "files")], work / "folder_index"))
-            pacs = ["--dicomweb", f"{root}/dicom-web"]
+            pacs = ["--dicomweb", f"{root}/dicom-web", "--allow_insecure_http"]
             pacs_seconds = timed(index_command(model, pacs, work / "pacs_index"))
             resumed = work / "resumed_index"
             kept = killed_halfway(index_command(model, pacs, resumed), resumed / "progress.json", args.instances // 2)

@@ -21,44 +21,23 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
 
+from medmoe_archive.dicomweb import PacsError, PacsSettings, add_pacs_arguments, dicomweb_rows, parse_qido_filters
+from medmoe_archive.rows import DICOM_FIELDS, ArchiveRow
 from modeling_medmoe.dicom import is_dicom, is_dicom_bytes, is_dicom_file
-from modeling_medmoe.limits import InputTooLarge
+from modeling_medmoe.limits import InputLimits, InputTooLarge
 from training import data as data_module
 
-DICOM_FIELDS = {  # index column -> DICOM keyword (strings as the file holds them; None for other images)
-    "patient_id": "PatientID",
-    "study_uid": "StudyInstanceUID",
-    "series_uid": "SeriesInstanceUID",
-    "sop_instance_uid": "SOPInstanceUID",
-    "modality": "Modality",
-    "body_part": "BodyPartExamined",
-    "study_date": "StudyDate",
-    "series_description": "SeriesDescription",
-}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 INDEX_TYPES = ("flat", "ivf")
 FAISS_FILE = "embedding.faiss"
 SKIPPED_FILE = "skipped.jsonl"
 INFO_FILE = "index_info.json"
-
-
-@dataclass
-class ArchiveRow:
-    """One image of the archive: `image` is anything the MedMoE image processor reads (a path, bytes, a PIL image,
-    a DICOM dataset); `path` is set when the image is a file that can be shown again later. `problem` names why an
-    entry of a folder cannot be read at all (it is skipped, counted and listed, never opened)."""
-
-    id: str
-    image: object
-    path: str | None = None
-    metadata: dict = field(default_factory=dict)
-    problem: str | None = None
 
 
 def entry_problem(path: Path) -> str | None:
@@ -150,8 +129,8 @@ def dicom_metadata(source) -> dict:
 class ArchiveSource:
     """What an archive index is built from: a folder of image and DICOM files (`images`), file globs (`files`), a
     Hub dataset or local dataset folder (`dataset_name`, `split`; `image_column` and `id_column` for these two,
-    default: detected, and the row number), or a PACS over DICOMweb (`dicomweb` URL, `qido` KEY=VALUE study
-    filters)."""
+    default: detected, and the row number), or a PACS over DICOMweb (`dicomweb`: how to reach it, `qido` KEY=VALUE
+    study filters)."""
 
     images: Path | None = None
     files: str | None = None
@@ -159,19 +138,20 @@ class ArchiveSource:
     split: str = "train"
     image_column: str | None = None
     id_column: str | None = None
-    dicomweb: str | None = None
+    dicomweb: PacsSettings | None = None
     qido: tuple[str, ...] = ()
     all_frames: bool = False
 
     @classmethod
-    def from_args(cls, args) -> "ArchiveSource":
-        """The source `add_source_arguments`' flags name."""
+    def from_args(cls, args, limits: InputLimits) -> "ArchiveSource":
+        """The source `add_source_arguments`' flags name; a PACS instance may hold limits.max_image_bytes."""
+        pacs = PacsSettings.from_arguments(args, limits.max_image_bytes) if args.dicomweb else None
         return cls(args.images, args.files, args.dataset_name, args.split, args.image_column, args.id_column,
-                   args.dicomweb, tuple(args.qido), args.all_frames)  # fmt: skip
+                   pacs, tuple(args.qido), args.all_frames)  # fmt: skip
 
     def description(self) -> dict:
         if self.dicomweb:  # (the keys of a folder, files or dataset source stay as they were: earlier runs resume)
-            return {"dicomweb": self.dicomweb, "qido": sorted(self.qido)}
+            return {"dicomweb": self.dicomweb.url, "qido": sorted(self.qido)}
         described = {
             "images": str(Path(self.images).resolve()) if self.images else None,
             "files": self.files,
@@ -185,8 +165,6 @@ class ArchiveSource:
     def open(self) -> tuple[Iterator[ArchiveRow], dict]:
         """(rows, metadata features) of the archive."""
         if self.dicomweb:
-            from medmoe_archive.dicomweb import dicomweb_rows, parse_qido_filters
-
             return dicomweb_rows(self.dicomweb, parse_qido_filters(self.qido)), metadata_features(None, "", None)
         if self.images is not None:
             if not Path(self.images).is_dir():
@@ -211,7 +189,7 @@ def add_source_arguments(parser) -> None:
     source.add_argument("--images", type=Path, help="a folder of image and DICOM files (read recursively)")
     source.add_argument("--files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
     source.add_argument("--dataset_name", help="a Hub dataset id or a local dataset folder")
-    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web (QIDO-RS, WADO-RS)")
+    source.add_argument("--dicomweb", help="a PACS's DICOMweb root, e.g. https://pacs/dicom-web (QIDO-RS, WADO-RS)")
     parser.add_argument("--split", default="train", help="the split of --dataset_name")
     parser.add_argument(
         "--qido", action="append", default=[], help="a QIDO-RS study filter of --dicomweb, KEY=VALUE (repeatable)"
@@ -225,6 +203,7 @@ def add_source_arguments(parser) -> None:
         help="every frame of a multi-frame DICOM as its own row (default: its middle frame); --group series in "
         "medmoe-search gathers them",
     )
+    add_pacs_arguments(parser)
 
 
 def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: str | None) -> Iterator[ArchiveRow]:
@@ -278,12 +257,12 @@ def prepare_rows(rows: list[ArchiveRow], image_processor, window: str | None):
     cannot be read is skipped with its reason, never raised."""
     pixels, kept, units, skipped = [], [], [], []
     for row in rows:
-        reason, detail = row.problem, ""
+        reason, detail = row.problem, row.detail
         if reason is None:
             try:
                 image = row.image() if callable(row.image) else row.image  # a PACS instance is fetched here
-            except Exception as error:  # noqa: BLE001 - the HTTP client's errors: the instance is skipped, named
-                reason, detail = "fetch_failed", f"{type(error).__name__}: {error}"
+            except PacsError as error:  # one line naming the PACS and what failed: the instance is skipped
+                reason, detail = "fetch_failed", str(error)
         if reason is None:
             try:  # a DICOM row names its frame (the middle one, or each one with --all_frames)
                 unit = image_processor.to_display(image, window=window, frame=row.metadata.get("frame"))
@@ -365,6 +344,14 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 def write_json_atomically(path: Path, value) -> None:
     write_text_atomically(path, json.dumps(value, indent=2) + "\n")
+
+
+def columns_with_values(dataset: datasets.Dataset, columns: tuple[str, ...]) -> dict[str, bool]:
+    """Which of `columns` the dataset holds and has at least one value in."""
+    return {
+        column: column in dataset.column_names and dataset.data.column(column).null_count < len(dataset)
+        for column in columns
+    }
 
 
 def load_index(index_dir: Path) -> tuple[datasets.Dataset, dict]:

@@ -10,7 +10,9 @@ chosen expert, the best label, its probability (`confidence`) and one probabilit
 `_series` before its suffix is one row per DICOM series: the label of the mean probabilities over its images, that
 mean as confidence, and the number of images. Unreadable entries are skipped, counted by reason and listed in OUT
 with `_skipped.jsonl` in place of its suffix. When the model's card says it was trained only on synthetic phantoms,
-a warning says so (its labels mean nothing for real images).
+a warning says so (its labels mean nothing for real images). The files are readable by the user alone; a cell that
+a spreadsheet would run as a formula (leading = + - @, tab or carriage return) starts with a quote. With
+--deidentify the ids and UIDs are keyed-hash pseudonyms and no path is written (medmoe_archive/deidentify.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from medmoe_archive import archive
+from medmoe_archive.deidentify import (
+    DROPPED,
+    IdentifiedOutput,
+    add_deidentify_arguments,
+    output_policy,
+    private_files,
+    private_permissions,
+)
+from medmoe_archive.dicomweb import PacsError
+from medmoe_archive.rows import ArchiveRow
 from model_card.generate import SYNTHETIC_NOTE
 from modeling_medmoe import MedMoEImageProcessor
 
@@ -39,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="the per-image CSV (the per-series one goes beside)")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--backend", choices=archive.BACKENDS, default="auto", help="image side: torch, onnx or auto")
+    add_deidentify_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -53,31 +66,40 @@ def synthetic_only_warning(model_name: str) -> str | None:
     return None
 
 
-@torch.no_grad()
 def classify(args: argparse.Namespace) -> dict:
-    """Score every image; write the per-image and per-series CSV files and the skipped list; returns a summary."""
+    """Score every image; write the per-image and per-series CSV files and the skipped list (as the output policy
+    says, readable by the user alone); returns a summary."""
+    policy = output_policy(args)
+    with private_files(), policy.quiet_logs():
+        if not args.out.parent.exists():
+            args.out.parent.mkdir(parents=True)
+        return classify_with_policy(args, policy)
+
+
+@torch.no_grad()
+def classify_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> dict:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
     labels, templates = zero_shot_request(args.labels, image_processor)
     class_embeds = model.get_zero_shot_class_embeddings(tokenizer, labels, templates)
     embedder = archive.ImageEmbedder(model, args.model, args.backend)
-    source = archive.ArchiveSource.from_args(args)
+    source = archive.ArchiveSource.from_args(args, image_processor.limits)
     rows, _ = source.open()
     per_image, skipped = [], []
     bar = tqdm(desc=f"classifying ({embedder.name})", unit="image")
     for batch in batched(rows, args.batch_size):
         pixels, kept, _, batch_skipped = archive.prepare_rows(batch, image_processor, args.window)
-        skipped += batch_skipped
+        skipped += [policy.skipped(entry) for entry in batch_skipped]
         if kept:
             embeddings, experts = embedder(torch.stack(pixels))
             probabilities = model.zero_shot_probabilities(embeddings, class_embeds)
-            per_image += [image_row(row, labels, p, model.config.expert_names[e]) for row, p, e in
+            per_image += [image_row(row, labels, p, model.config.expert_names[e], policy) for row, p, e in
                           zip(kept, probabilities, experts.tolist())]  # fmt: skip
         bar.update(len(batch))
     bar.close()
     series = per_series(per_image, labels)
-    paths = write_outputs(args.out, per_image, series, skipped, labels)
+    paths = write_outputs(args.out, per_image, series, skipped, labels, policy)
     summary = {
         "images": len(per_image),
         "series": len(series),
@@ -96,6 +118,15 @@ def zero_shot_request(labels_text: str, image_processor) -> tuple[list[str], lis
     return check(labels_text, None, image_processor.limits)
 
 
+SOURCE_COLUMNS = ("id", "path", "study_uid", "series_uid", "modality")  # of a row, as the index names them
+
+
+def csv_cell(value):
+    """A cell a spreadsheet shows as text: a string starting with = + - @, a tab or a carriage return (a formula to
+    Excel, LibreOffice and Sheets) gets a leading quote (OWASP's CSV injection advice); other values stay."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def batched(rows, size: int):
     batch = []
     for row in rows:
@@ -107,15 +138,15 @@ def batched(rows, size: int):
         yield batch
 
 
-def image_row(row: archive.ArchiveRow, labels: list[str], probabilities: torch.Tensor, expert: str) -> dict:
+def image_row(
+    row: ArchiveRow, labels: list[str], probabilities: torch.Tensor, expert: str, policy: IdentifiedOutput
+) -> dict:
     best = int(probabilities.argmax())
-    metadata = row.metadata
+    source = {"id": row.id, "path": row.path, **{key: row.metadata.get(key) for key in SOURCE_COLUMNS[2:]}}
+    written = policy.row(source)
     return {
-        "id": row.id,
-        "path": row.path,
-        "study_uid": metadata.get("study_uid"),
-        "series_uid": metadata.get("series_uid"),
-        "modality_tag": metadata.get("modality"),
+        **{key: written[key] for key in SOURCE_COLUMNS[:-1] if key in written},
+        "modality_tag": written.get("modality"),
         "expert": expert,
         "label": labels[best],
         "confidence": round(float(probabilities[best]), 6),
@@ -140,27 +171,28 @@ def per_series(per_image: list[dict], labels: list[str]) -> list[dict]:
     return series
 
 
-def write_outputs(out: Path, per_image, series, skipped, labels) -> list[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
+def write_outputs(out: Path, per_image, series, skipped, labels, policy: IdentifiedOutput) -> list[Path]:
     series_path = out.with_name(f"{out.stem}_series{out.suffix or '.csv'}")
     skipped_path = out.with_name(f"{out.stem}_skipped.jsonl")
-    image_columns = ["id", "path", "study_uid", "series_uid", "modality_tag", "expert", "label", "confidence",
-                     *(f"p_{label}" for label in labels)]  # fmt: skip
+    written = [column for column in SOURCE_COLUMNS[:-1] if policy.treatment(column) != DROPPED]
+    image_columns = [*written, "modality_tag", "expert", "label", "confidence", *(f"p_{label}" for label in labels)]
     series_columns = ["series_uid", "study_uid", "modality_tag", "images", "label", "confidence"]
     for path, columns, rows in ((out, image_columns, per_image), (series_path, series_columns, series)):
         with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer = csv.DictWriter(handle, fieldnames=[csv_cell(column) for column in columns])
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({csv_cell(key): csv_cell(value) for key, value in row.items()} for row in rows)
     skipped_path.write_text("".join(json.dumps(entry) + "\n" for entry in skipped))
+    for path in (out, series_path, skipped_path):  # a file an earlier run left keeps its mode when rewritten
+        private_permissions(path)
     return [out, series_path, skipped_path]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         summary = classify(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError, PacsError) as error:
         sys.exit(f"error: {error}")
     if summary["warning"]:
         print(summary["warning"], file=sys.stderr)
@@ -168,7 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Classified {summary['images']} images in {summary['series']} DICOM series ({summary['backend']}); "
           f"skipped: {skipped}.")  # fmt: skip
     print("Outputs: " + ", ".join(summary["outputs"]))
-    return summary
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ finished, so an interrupted run started again with the same command resumes afte
 cannot be read or decoded (broken symlinks, special files, undecodable or oversized images) are skipped, counted by
 reason and listed with their paths in OUT/skipped.jsonl; special files are never opened. The result is a `datasets`
 dataset on disk (id, path, embedding, chosen expert, a thumbnail unless --thumbnail_size 0, the source's metadata
-columns) with a FAISS index (medmoe_archive/archive.py describes the folder); search it with medmoe-search.
+columns) with a FAISS index (medmoe_archive/archive.py describes the folder); search it with medmoe-search. Every
+file is readable by the user alone; with --deidentify the index holds pseudonyms, no paths, no thumbnails and no
+free text (medmoe_archive/deidentify.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from medmoe_archive import archive
-from medmoe_archive.deidentify import Pseudonymizer, index_holdings
+from medmoe_archive.deidentify import IdentifiedOutput, add_deidentify_arguments, output_policy, private_files
+from medmoe_archive.dicomweb import PacsError
 from modeling_medmoe import MedMoEImageProcessor
 
 CHUNK_PATTERN = "chunk-{:05d}.parquet"
@@ -58,15 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also write a chunk when this long has passed since the last, so a killed run loses at most that much",
     )
     parser.add_argument("--max_rows", type=int, help="index at most this many source rows")
-    parser.add_argument(
-        "--deidentify",
-        action="store_true",
-        help="store keyed-hash pseudonyms instead of paths, patient ids, UIDs and dates, and no thumbnails "
-        "(medmoe_archive/deidentify.py says why it is off by default)",
-    )
-    parser.add_argument(
-        "--deidentify_key_file", type=Path, help="the secret key's file (default: the MEDMOE_DEIDENTIFY_KEY variable)"
-    )
+    add_deidentify_arguments(parser)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -91,18 +86,19 @@ def source_description(source: archive.ArchiveSource, window: str | None, max_ro
 class ChunkWriter:
     """Collects embedded rows and writes them to OUT/chunks in chunks of `chunk_size` rows or `flush_seconds` of
     work, whichever comes first, with the skipped rows appended to OUT/skipped.jsonl, updating the progress file after
-    each one, so that a restart loses at most the rows of an unfinished chunk (and lists no skipped row twice)."""
+    each one, so that a restart loses at most the rows of an unfinished chunk (and lists no skipped row twice). Rows
+    and skipped entries are written as `policy` says (`medmoe_archive/deidentify.py`)."""
 
     def __init__(
         self, output_dir: Path, features: datasets.Features, progress: dict, chunk_size: int,
-        pseudonymizer: Pseudonymizer | None = None, flush_seconds: float = 60.0,
+        policy: IdentifiedOutput = IdentifiedOutput(), flush_seconds: float = 60.0,
     ):  # fmt: skip
         self.chunks_dir = output_dir / "chunks"
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.progress_path = output_dir / "progress.json"
         self.skipped_path = output_dir / archive.SKIPPED_FILE
         self.features, self.progress, self.chunk_size = features, progress, chunk_size
-        self.pseudonymizer = pseudonymizer  # identifiers are replaced before anything is written
+        self.policy = policy  # applied before anything is written
         self.flush_seconds, self.last_flush = flush_seconds, time.monotonic()
         self.records: list[dict] = []
         self.rows_read_since_chunk = 0
@@ -115,9 +111,8 @@ class ChunkWriter:
         archive.write_text_atomically(self.skipped_path, "".join(lines[:count]))
 
     def add(self, records: list[dict], rows_read: int, skipped: list[dict]) -> None:
-        if self.pseudonymizer is not None:
-            records = [self.pseudonymizer.row(record) for record in records]
-            skipped = [self.pseudonymizer.row(entry) for entry in skipped]
+        records = [self.policy.row(record) for record in records]
+        skipped = [self.policy.skipped(entry) for entry in skipped]
         self.records.extend(records)
         self.rows_read_since_chunk += rows_read
         self.skipped_since_chunk.extend(skipped)
@@ -195,15 +190,19 @@ def embed_batch(rows, embedder, image_processor, writer, *, window: str | None, 
 
 def build_index(output_dir: Path, index_type: str) -> tuple[datasets.Dataset, float]:
     """Concatenate the chunks into OUT/dataset and build and save its FAISS index; returns it and the seconds the
-    index took to build."""
+    index took to build. The datasets cache of the build lives in OUT and is removed after: no copy of the rows is
+    left outside OUT."""
     chunks = sorted(str(path) for path in (output_dir / "chunks").glob("chunk-*.parquet"))
     if not chunks:
         raise ValueError(f"No image could be embedded; the skipped rows and why: {output_dir / archive.SKIPPED_FILE}.")
-    dataset = datasets.Dataset.from_parquet(chunks)
-    dataset_dir = output_dir / "dataset"
-    if dataset_dir.exists():
-        shutil.rmtree(dataset_dir)
-    dataset.save_to_disk(str(dataset_dir))
+    build_cache, dataset_dir = output_dir / "build_cache", output_dir / "dataset"
+    for folder in (build_cache, dataset_dir):
+        if folder.exists():
+            shutil.rmtree(folder)
+    built = datasets.Dataset.from_parquet(chunks, cache_dir=str(build_cache))
+    built.save_to_disk(str(dataset_dir))
+    del built
+    shutil.rmtree(build_cache)
     dataset = datasets.load_from_disk(str(dataset_dir))
     seconds = add_faiss_index(dataset, index_type)
     dataset.save_faiss_index("embedding", str(output_dir / archive.FAISS_FILE))
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
             info = index_archive(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError, PacsError) as error:
         sys.exit(f"error: {error}")
     if args.json:
         skipped_path = args.output_dir / archive.SKIPPED_FILE
@@ -248,31 +247,38 @@ def main(argv: list[str] | None = None) -> None:
 
 def index_archive(args: argparse.Namespace) -> dict:
     """Embed the archive `args` names into args.output_dir (resuming a run cut short) and index it; returns
-    index_info.json's content."""
-    pseudonymizer = Pseudonymizer.from_key_file_or_environment(args.deidentify_key_file) if args.deidentify else None
-    thumbnail_size = 0 if pseudonymizer else args.thumbnail_size
+    index_info.json's content. Every file is written as the output policy says, readable by the user alone."""
+    policy = output_policy(args)
+    with private_files(args.output_dir), policy.quiet_logs():
+        return index_with_policy(args, policy)
+
+
+def index_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> dict:
+    thumbnail_size = 0 if policy.deidentified else args.thumbnail_size
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
     # this package's image processor with the folder's saved settings: it reads DICOM whatever the folder's code age
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
-    source = archive.ArchiveSource.from_args(args)
-    described = {
-        **source_description(source, args.window, args.max_rows),
-        **({"deidentified": True} if pseudonymizer else {}),
-    }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    source = archive.ArchiveSource.from_args(args, image_processor.limits)
+    described = policy.source(source_description(source, args.window, args.max_rows))
     progress = archive.read_json(args.output_dir / "progress.json")
+    if progress is not None and progress.get("key_fingerprint") != policy.key_fingerprint:
+        raise ValueError(
+            f"{args.output_dir} was started with another de-identification key, or none (key fingerprint "
+            f"{progress.get('key_fingerprint')}); resume it with the same key, or pass another --output_dir."
+        )
     if progress is not None and (progress["source"] != described or progress["model"] != args.model):
         raise ValueError(
             f"{args.output_dir} holds an index of another source or model ({progress['source']}, {progress['model']});"
             " pass another --output_dir, or delete it to start again."
         )
     if progress is None:
-        progress = {"model": args.model, "source": described, "rows_read": 0, "chunks": 0, "skipped": {}}
+        progress = {"model": args.model, "source": described, "key_fingerprint": policy.key_fingerprint,
+                    "rows_read": 0, "chunks": 0, "skipped": {}}  # fmt: skip
     elif progress["rows_read"]:
         print(f"Resuming after {progress['rows_read']} rows ({progress['chunks']} chunks) in {args.output_dir}.")
     rows, metadata = source.open()
-    features = archive.index_features(metadata, model.config.projection_dim)
-    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size, pseudonymizer, args.flush_seconds)
+    features = datasets.Features(policy.features(archive.index_features(metadata, model.config.projection_dim)))
+    writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size, policy, args.flush_seconds)
     start = time.perf_counter()
     embedder = archive.ImageEmbedder(model, args.model, args.backend)
     print(f"Image side on {embedder.name}.")
@@ -290,7 +296,7 @@ def index_archive(args: argparse.Namespace) -> dict:
         "dimension": model.config.projection_dim,
         "index": args.index,
         "backend": embedder.name,
-        "holds": index_holdings(pseudonymizer, thumbnail_size),
+        "holds": policy.holdings(dataset.column_names, archive.columns_with_values(dataset, ("path", "thumbnail"))),
         "expert_names": list(model.config.expert_names),
         "window": args.window,
         "embed_seconds_this_run": round(embed_seconds, 2),
@@ -300,7 +306,7 @@ def index_archive(args: argparse.Namespace) -> dict:
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(progress["skipped"].items())) or "none"
     print(f"Indexed {len(dataset)} images ({args.index} index); skipped: {skipped}.")
     if progress["skipped"]:
-        print(f"Skipped rows, each with its path and reason: {args.output_dir / archive.SKIPPED_FILE}")
+        print(f"Skipped rows, each with its reason: {args.output_dir / archive.SKIPPED_FILE}")
     print(
         f"Index: {args.output_dir} (dataset/, {archive.FAISS_FILE}, {archive.INFO_FILE}); search it with medmoe-search."
     )

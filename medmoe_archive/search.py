@@ -5,12 +5,13 @@
     medmoe-search --index outputs/archive-index --text "pulmonary nodule" --modality CT --group series
 
 Prints the top-k rows (rank, cosine similarity, id, the expert that embedded the image, path) and, with
---contact_sheet, writes a PNG grid of the hits. The model is the one the index was built with (index_info.json),
-unless --model names another with the same embedding space. --expert keeps only images routed to that expert;
---modality, --study and --patient filter on the DICOM tags the index stores (--modality CT: the file's own Modality
-tag, not the router's guess); --group series|study answers with the best image of each series or study and how many
-of its images matched, or, with --pool mean, scores each series or study by its pooled embedding (the mean of its
-images' embeddings: the frames of a multi-frame file indexed with --all_frames, the slices of a series).
+--contact_sheet, writes a PNG grid of the hits, readable by the user alone. The model is the one the index was built
+with (index_info.json), unless --model names another with the same embedding space. --expert keeps only images
+routed to that expert; --modality, --study and --patient filter on the DICOM tags the index stores (--modality CT:
+the file's own Modality tag, not the router's guess); --group series|study answers with the best image of each
+series or study and how many of its images matched, or, with --pool mean, scores each series or study by its pooled
+embedding (the mean of its images' embeddings: the frames of a multi-frame file indexed with --all_frames, the slices
+of a series).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from medmoe_archive import archive
+from medmoe_archive.deidentify import private_files, private_permissions
 from modeling_medmoe import MedMoEImageProcessor
 
 
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             grouped = f"  {hit[group]} ({hit['matches']} {counted})" if group else ""
             print(f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['expert']:<12} {printable(hit['id'])}  {path}{grouped}")
     if args.contact_sheet:
-        contact_sheet(hits, args.contact_sheet)
+        with private_files():  # it shows patients' images
+            contact_sheet(hits, args.contact_sheet)
+            private_permissions(args.contact_sheet)
         print(f"Contact sheet: {args.contact_sheet}")
 
 

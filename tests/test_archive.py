@@ -219,6 +219,21 @@ def test_a_deidentified_index_holds_pseudonyms_that_group_alike_under_one_key(na
     assert ArchiveSearch(tmp_path / "other_key", str(nano_folder)).dataset["patient_id"] != first["patient_id"]
 
 
+def test_a_deidentified_run_resumes_only_with_its_own_key(nano_folder, image_folder, tmp_path, monkeypatch):
+    """Another key would give one patient two pseudonyms in one index: the resume is refused."""
+    arguments = ["--model", str(nano_folder), "--images", str(image_folder), "--batch_size", "4", "--flush_seconds",
+                 "0", "--deidentify", "--output_dir", str(tmp_path / "index")]  # fmt: skip
+    monkeypatch.setenv("MEDMOE_DEIDENTIFY_KEY", "the first key, 32 bytes of secret")
+    killed_after_adds(monkeypatch, lambda: run_index(arguments), adds=2)
+    monkeypatch.setenv("MEDMOE_DEIDENTIFY_KEY", "a second key, 32 bytes of secret")
+    with pytest.raises(ValueError, match="started with another de-identification key"):
+        run_index(arguments)
+    with pytest.raises(ValueError, match="started with another de-identification key"):
+        run_index([argument for argument in arguments if argument != "--deidentify"])
+    monkeypatch.setenv("MEDMOE_DEIDENTIFY_KEY", "the first key, 32 bytes of secret")
+    assert run_index(arguments)["rows"] == ROWS + 1
+
+
 def test_a_killed_run_keeps_its_finished_rows_whatever_the_chunk_size(nano_folder, image_folder, tmp_path,
                                                                       monkeypatch):  # fmt: skip
     """With the default chunk of 1,024 rows a small archive never fills one; chunks are also written after
@@ -243,20 +258,40 @@ def test_medmoe_classify_writes_images_and_series_and_warns_about_a_synthetic_mo
     shutil.copytree(nano_folder, model)
     (model / "README.md").write_text(f"# A model\n\n{SYNTHETIC_NOTE}\n")
     out = tmp_path / "results" / "labels.csv"
-    summary = classify.main(["--model", str(model), "--images", str(folder), "--labels", "CT, MRI", "--out", str(out),
-                             "--batch_size", "4"])  # fmt: skip
-    assert "trained only on synthetic phantoms" in capsys.readouterr().err
+    assert classify.main(["--model", str(model), "--images", str(folder), "--labels", "CT, MRI", "--out", str(out),
+                          "--batch_size", "4"]) is None  # fmt: skip
+    printed = capsys.readouterr()
+    assert "trained only on synthetic phantoms" in printed.err and "skipped: undecodable_image 1." in printed.out
     images = list(csv.DictReader(out.open()))
     assert len(images) == 6 and {row["label"] for row in images} <= {"CT", "MRI"}
     for row in images:
         assert float(row["confidence"]) == max(float(row["p_CT"]), float(row["p_MRI"]))
     series = list(csv.DictReader((tmp_path / "results" / "labels_series.csv").open()))
     assert sorted((row["series_uid"], row["images"]) for row in series) == [("1.2.3.0", "3"), ("1.2.3.1", "3")]
-    assert summary["skipped"] == {"undecodable_image": 1}
     listed = (tmp_path / "results" / "labels_skipped.jsonl").read_text()
     assert "broken.png" in listed
     with pytest.raises(SystemExit, match="at least one candidate label"):
         classify.main(["--model", str(model), "--images", str(folder), "--labels", " , ", "--out", str(out)])
+
+
+def test_medmoe_classify_csv_cells_cannot_run_as_formulas(nano_folder, images, tmp_path):
+    """File names and tags that a spreadsheet would run (=, +, -, @, tab) start with a quote in the CSV files."""
+    import csv
+
+    from medmoe_archive import classify
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for number, name in enumerate(["=HYPERLINK(evil).png", "@SUM(1+1).png", "+cmd.png", "-2+3.png", "\tx.png"]):
+        images[number].save(folder / name)
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    source.Modality, source.SeriesInstanceUID = "=1+2", "=cmd|' /C calc'!A0"
+    source.save_as(folder / "ct.dcm")
+    out = tmp_path / "labels.csv"
+    classify.main(["--model", str(nano_folder), "--images", str(folder), "--labels", "CT,=MRI", "--out", str(out)])
+    cells = [cell for path in (out, tmp_path / "labels_series.csv") for row in csv.reader(path.open()) for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert {"'=HYPERLINK(evil).png", "'@SUM(1+1).png", "'=1+2", "'=cmd|' /C calc'!A0", "p_=MRI"} <= set(cells)
 
 
 def test_every_frame_of_a_multi_frame_dicom_can_be_a_row_and_series_gather_them(nano_folder, tmp_path):

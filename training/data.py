@@ -132,11 +132,19 @@ class NoSuchSplit(ValueError):
     """The dataset has no split of the kind asked for (and none was named)."""
 
 
+SAVED_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes for a Dataset, a DatasetDict
+
+
 def hub_or_folder_stream(name: str, split: str | None, wanted: str) -> datasets.IterableDataset:
-    """`load_dataset(name, streaming=True)` and pick `split` (or, for evaluation, the first eval-like split). In a
-    local folder of jsonl/csv files, relative image paths are relative to the data file's folder (as with
-    --train_files)."""
-    splits = datasets.load_dataset(name, streaming=True)
+    """`load_dataset(name, streaming=True)` (or, for a folder written by `save_to_disk`, `load_from_disk`) and pick
+    `split` (or, for evaluation, the first eval-like split; a saved Dataset is the split "train"). In a local folder
+    of jsonl/csv files, relative image paths are relative to the data file's folder (as with --train_files)."""
+    if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, marker)) for marker in SAVED_TO_DISK_MARKERS):
+        saved = datasets.load_from_disk(name)
+        saved_splits = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
+        splits = {key: value.to_iterable_dataset() for key, value in saved_splits.items()}
+    else:
+        splits = datasets.load_dataset(name, streaming=True)
     if split is None:
         candidates = EVAL_SPLIT_CANDIDATES if wanted == "eval" else ("train",)
         split = next((candidate for candidate in candidates if candidate in splits), None)
