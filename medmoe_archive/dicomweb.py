@@ -71,7 +71,7 @@ class PacsSettings:
     timeout_seconds: to connect and for each read. deadline_seconds: for one whole request, answer included.
     max_instance_bytes: one instance as sent. max_answer_bytes: one QIDO answer. page_size: QIDO results asked per
     request. max_results: results of one listing (studies of the query, series of a study, instances of a series).
-    requests_per_second: at most this many requests start per second.
+    requests_per_second: requests start at most this often on average (in bursts of at most one second's worth).
     """
 
     url: str
@@ -207,7 +207,7 @@ def add_pacs_arguments(parser) -> None:
                        help="results of one listing (studies of the query, series of a study, instances of a series) "
                        "beyond which the run stops: narrow the query with --qido")  # fmt: skip
     group.add_argument("--pacs_requests_per_second", type=float, default=defaults.requests_per_second,
-                       help="at most this many requests to the PACS start per second")  # fmt: skip
+                       help="requests to the PACS per second, on average (bursts of one second's worth)")  # fmt: skip
 
 
 class WatchedConnection(http.client.HTTPConnection):
@@ -255,7 +255,7 @@ class DicomWebClient:
                     str(settings.client_certificate), str(settings.client_key) if settings.client_key else None
                 )
         self.connection = None
-        self.next_start = 0.0
+        self.tokens, self.refilled_at = max(1.0, settings.requests_per_second), time.monotonic()
 
     def __getstate__(self):  # a worker process opens its own connection
         return {**self.__dict__, "connection": None}
@@ -328,10 +328,16 @@ class DicomWebClient:
         self.close()
 
     def wait_for_rate_limit(self) -> None:
+        """A token bucket: requests_per_second on average, in bursts of at most one second's worth."""
+        rate = self.settings.requests_per_second
         now = time.monotonic()
-        if self.next_start > now:
-            time.sleep(self.next_start - now)
-        self.next_start = max(now, self.next_start) + 1.0 / self.settings.requests_per_second
+        self.tokens = min(max(1.0, rate), self.tokens + (now - self.refilled_at) * rate)
+        self.refilled_at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return
+        time.sleep((1 - self.tokens) / rate)
+        self.tokens, self.refilled_at = 0.0, time.monotonic()  # the token that came during the sleep is spent
 
     def search(self, path: str, filters: dict[str, str], what: str) -> list[dict]:
         """Every QIDO-RS result of `path` with `filters`, page by page, at most `max_results` (PacsError beyond:
