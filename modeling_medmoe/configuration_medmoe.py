@@ -1,3 +1,11 @@
+# Copyright 2026 The MedMoE Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
+# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
+# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
+# specific language governing permissions and limitations under the License.
 """MedMoE configuration: a timm vision pyramid with modality experts, a transformers text encoder, and losses.
 
 `MedMoEConfig.from_preset(name)` gives the named configurations:
@@ -65,6 +73,7 @@ class MedMoEVisionConfig(PreTrainedConfig):
 
     model_type = "medmoe_vision_model"
     base_config_key = "vision_config"
+    attribute_map = {"hidden_size": "expert_dim"}  # the width of the image side's output sequence, as CLIP names it
 
     backbone: str = "swin_tiny_patch4_window7_224"
     backbone_kwargs: dict | None = None

@@ -1,3 +1,11 @@
+# Copyright 2026 The MedMoE Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
+# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
+# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
+# specific language governing permissions and limitations under the License.
 """Modality experts: multi-scale fusion with per-location scale attention, and hard top-1 sparse dispatch."""
 
 from __future__ import annotations
@@ -7,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_medmoe import MedMoEVisionConfig
 
@@ -36,12 +45,13 @@ def resize(feature_map: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(feature_map, size=grid_size, mode="bilinear", align_corners=False)
 
 
-class ScaleFusionExpert(nn.Module):
+class ScaleFusionExpert(GradientCheckpointingLayer):
     """One modality expert E_k: V_k = sum_l beta_k^(l) * F_k^(l) (paper, section 4).
 
     Every level l is projected to width D (F_k^(l)) and resized in 2-D to the local grid; an MLP
     (D -> hidden -> 1, shared across levels) scores each level at each location; a softmax over levels gives the
-    scale attention beta.
+    scale attention beta. With activation checkpointing on (`PreTrainedModel.activation_checkpointing_enable`), an
+    expert keeps only its inputs and recomputes the rest in the backward pass.
     """
 
     def __init__(self, level_channels: list[int], config: MedMoEVisionConfig):
@@ -53,7 +63,7 @@ class ScaleFusionExpert(nn.Module):
         )
         self.scale_scorer = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, levels: list[torch.Tensor], grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *levels: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """levels: 4 maps [n, C_l, H_l, W_l]. Returns (local map [n, D, h, w], scale attention [n, levels, h, w])."""
         stacked = torch.stack(
             [project_to_grid(projection, level, grid_size) for projection, level in zip(self.projections, levels)],
@@ -102,6 +112,8 @@ class MixtureOfModalityExperts(nn.Module):
     `sparse` (default): the batch is sorted by expert, each expert runs once on its group, and the outputs are put
     back in batch order, so each sample runs through its chosen expert only. `dense` runs every expert on every
     sample and keeps the chosen output (the authors' implementation; K times the head cost, kept for comparison).
+    While `torch.export` traces the model, dispatch is dense: the sparse groups' sizes depend on the data, which an
+    exported graph cannot hold; the numbers are the same.
 
     As in the authors' code, the chosen expert's output is scaled by its gate probability as p / stop_gradient(p):
     1 in value, but the router receives the gradient of the output's scale. What that scale tells the router is
@@ -129,7 +141,7 @@ class MixtureOfModalityExperts(nn.Module):
 
         Returns (local map [batch, D, h, w], scale attention [batch, levels, h, w]).
         """
-        run = self.run_dense if self.dispatch == "dense" else self.run_sparse
+        run = self.run_dense if self.dispatch == "dense" or torch.compiler.is_exporting() else self.run_sparse
         local_map, scale_attention = run(levels, expert_index, grid_size)
         straight_through = (gate_log_probability - gate_log_probability.detach()).exp()  # p / sg(p), never 0 / 0
         return local_map * straight_through.to(local_map.dtype)[:, None, None, None], scale_attention
@@ -144,7 +156,7 @@ class MixtureOfModalityExperts(nn.Module):
         for expert, size, *group in zip(self.experts, group_sizes, *groups_per_level):
             if size == 0:
                 continue
-            local_map, scale_attention = expert(group, grid_size)
+            local_map, scale_attention = expert(*group, grid_size=grid_size)
             local_maps.append(local_map)
             scale_attentions.append(scale_attention)
         restore = torch.argsort(order)
@@ -159,7 +171,7 @@ class MixtureOfModalityExperts(nn.Module):
         return local_map, torch.cat(scale_attentions).index_select(0, restore)
 
     def run_dense(self, levels, expert_index, grid_size):
-        outputs = [expert(levels, grid_size) for expert in self.experts]
+        outputs = [expert(*levels, grid_size=grid_size) for expert in self.experts]
         rows = torch.arange(expert_index.shape[0], device=expert_index.device)
         local_maps = torch.stack([local_map for local_map, _ in outputs], dim=1)  # [batch, K, D, h, w]
         scale_attentions = torch.stack([attention for _, attention in outputs], dim=1)

@@ -1,3 +1,11 @@
+# Copyright 2026 The MedMoE Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
+# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
+# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
+# specific language governing permissions and limitations under the License.
 """MedMoE image processor: medical images as they come (DICOM, PIL, 8/16-bit or float arrays, tensors) -> pixel_values.
 
 Imports only torch and transformers: PIL images and numpy arrays are read through their buffers, Pillow is
@@ -6,9 +14,11 @@ imported to open an image file path, pydicom (optional) when a DICOM arrives.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -84,18 +94,36 @@ def pil_to_tensor(image) -> torch.Tensor:
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, channels)
 
 
+class MedMoEImagesKwargs(TypedDict, total=False):
+    """What one call of the image processor (or the processor's `images_kwargs`) may set; each defaults to the
+    processor's own attribute of that name."""
+
+    size: dict[str, int]
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: list[float] | tuple[float, ...]
+    image_std: list[float] | tuple[float, ...]
+    window: str | list[float] | tuple[float, float] | None
+    frame: int | None
+    return_tensors: str | None
+
+
 class MedMoEImageProcessor(BaseImageProcessor):
     """Turns images into `pixel_values` [batch, 3, height, width] for `MedMoEModel`.
 
-    Steps: convert to float in [0, 1]: uint8 / 255; DICOM through its modality LUT (rescale slope/intercept),
+    Steps: convert to float in [0, 1]: uint8 times `rescale_factor` (1/255) unless `do_rescale` is False; DICOM
+    through its modality LUT (rescale slope/intercept),
     then `window` if given, else the file's VOI LUT or window centre/width, else the percentile window, and
     MONOCHROME1 inverted; other integer and float data through `window` if given, else unchanged when already in
     [0, 1], else the percentile window. Then grayscale to 3 channels, alpha dropped; resize the shorter side to
-    fit, center crop to `size`; normalise with `image_mean` / `image_std`.
+    fit, center crop to `size`; normalise with `image_mean` / `image_std` unless `do_normalize` is False.
 
     Args:
         size: {"height": h, "width": w} of the output.
-        image_mean, image_std: per-channel normalisation.
+        do_rescale, rescale_factor: 8-bit pixels are multiplied by `rescale_factor` (default 1/255) when
+            `do_rescale`; other data is mapped by its window (below).
+        do_normalize, image_mean, image_std: per-channel normalisation.
         percentiles: (low, high) percentiles mapped to 0 and 1 for data that is not 8-bit and has no window.
         window: None, a preset name (lung, mediastinum, bone, brain, abdomen: CT windows in Hounsfield units) or
             (centre, width) in the data's units (after the DICOM modality LUT).
@@ -105,10 +133,14 @@ class MedMoEImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = MedMoEImagesKwargs
 
     def __init__(
         self,
         size: dict[str, int] | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         percentiles: Sequence[float] = (0.5, 99.5),
@@ -121,6 +153,7 @@ class MedMoEImageProcessor(BaseImageProcessor):
         self.input_limits = InputLimits.from_dict(input_limits).to_dict()
         resolve_window(window)  # fail early on a bad window
         self.size = dict(size or {"height": 224, "width": 224})
+        self.do_rescale, self.rescale_factor, self.do_normalize = do_rescale, rescale_factor, do_normalize
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.percentiles = list(percentiles)
@@ -131,23 +164,40 @@ class MedMoEImageProcessor(BaseImageProcessor):
     def limits(self) -> InputLimits:
         return InputLimits.from_dict(self.input_limits)
 
-    def preprocess(self, images, return_tensors: str | None = "pt", window=None, frame=None, **kwargs) -> BatchFeature:
-        """images: one image or a list (see ACCEPTED_INPUTS); `window` and `frame` override the processor's for this
-        call. Returns BatchFeature with `pixel_values`."""
-        if kwargs:
-            raise TypeError(f"MedMoEImageProcessor got unexpected arguments {sorted(kwargs)}.")
+    def preprocess(self, images, **kwargs) -> BatchFeature:
+        """images: one image or a list (see ACCEPTED_INPUTS). Keyword arguments (`MedMoEImagesKwargs`: size,
+        do_rescale, rescale_factor, do_normalize, image_mean, image_std, window, frame) override the processor's
+        settings for this call; return_tensors is "pt" (default) or None. Returns BatchFeature with `pixel_values`."""
+        unknown = sorted(set(kwargs) - set(MedMoEImagesKwargs.__annotations__))
+        if unknown:
+            accepted = sorted(MedMoEImagesKwargs.__annotations__)
+            raise TypeError(f"MedMoEImageProcessor got unexpected arguments {unknown}; it takes {accepted}.")
+        return_tensors = kwargs.pop("return_tensors", "pt")
         if return_tensors not in ("pt", None):
             raise ValueError(f"MedMoEImageProcessor returns torch tensors; got return_tensors={return_tensors!r}.")
-        window = resolve_window(window if window is not None else self.window)
-        frame = frame if frame is not None else self.frame
-        batch = [self.to_model_input(image, window, frame) for image in self._as_list(images)]
+        settings = self.with_settings(**kwargs)
+        window = resolve_window(settings.window)
+        batch = [settings.to_model_input(image, window, settings.frame) for image in self._as_list(images)]
         return BatchFeature(data={"pixel_values": torch.stack(batch)}, tensor_type=return_tensors)
 
+    def with_settings(self, **settings) -> "MedMoEImageProcessor":
+        """A copy of this processor with the given settings (`MedMoEImagesKwargs`; None keeps this one's)."""
+        changed = copy.copy(self)
+        for name, value in settings.items():
+            if value is not None:
+                setattr(changed, name, list(value) if name in ("image_mean", "image_std", "window")
+                        and not isinstance(value, str) else value)  # fmt: skip
+        resolve_window(changed.window)
+        return changed
+
     def _as_list(self, images) -> list:
+        """The images as a flat list: one image, a list, or transformers' nested batch (a list of each sample's
+        images, possibly none)."""
         if isinstance(images, (list, tuple)):
-            if not images:
+            flat = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
+            if not flat:
                 raise ValueError(f"Got an empty list of images; expected {ACCEPTED_INPUTS}.")
-            return list(images)
+            return flat
         if getattr(images, "ndim", None) == 4:
             if len(images) == 0:
                 raise ValueError(f"Got an empty batch of images; expected {ACCEPTED_INPUTS}.")
@@ -165,8 +215,11 @@ class MedMoEImageProcessor(BaseImageProcessor):
         return self.unit_to_model_input(self.to_unit_range(image, window, frame))
 
     def unit_to_model_input(self, unit: torch.Tensor) -> torch.Tensor:
-        """[3, H, W] in [0, 1] (`to_unit_range`, `to_display`) -> normalised [3, height, width]."""
+        """[3, H, W] in [0, 1] (`to_unit_range`, `to_display`) -> [3, height, width], normalised when
+        `do_normalize`."""
         resized = self.resize_and_crop(unit)
+        if not self.do_normalize:
+            return resized
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (resized - mean) / std
@@ -270,7 +323,7 @@ class MedMoEImageProcessor(BaseImageProcessor):
         """[H, W, C] of any dtype -> float32 in [0, 1]."""
         self._check(values)
         if values.dtype == torch.uint8:
-            return values.float() / 255.0
+            return values.float() * self.rescale_factor if self.do_rescale else values.float()
         if values.dtype == torch.bool:
             return values.float()
         if values.dtype == torch.uint16:  # torch has few uint16 kernels
@@ -297,7 +350,9 @@ class MedMoEImageProcessor(BaseImageProcessor):
         return (1.0 - unit if pixels.inverted else unit)[..., None]
 
     def resize_and_crop(self, image: torch.Tensor) -> torch.Tensor:
-        """[3, H, W] -> [3, height, width]: scale so the image covers the target, then center crop."""
+        """[3, H, W] -> [3, height, width]: scale so the image covers the target, then center crop. The antialiased
+        resize may overshoot: values are kept within [0, 1], or within the image's own range where that is wider
+        (8-bit data with do_rescale=False)."""
         target_height, target_width = self.size["height"], self.size["width"]
         height, width = image.shape[-2:]
         scale = max(target_height / height, target_width / width)
@@ -309,7 +364,8 @@ class MedMoEImageProcessor(BaseImageProcessor):
             image[None], size=(resized_height, resized_width), mode="bilinear", antialias=True, align_corners=False
         )[0]
         top, left = (resized_height - target_height) // 2, (resized_width - target_width) // 2
-        return resized[:, top : top + target_height, left : left + target_width].clamp(0.0, 1.0)
+        lower, upper = min(0.0, float(image.min())), max(1.0, float(image.max()))
+        return resized[:, top : top + target_height, left : left + target_width].clamp(lower, upper)
 
 
 MedMoEImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -1,3 +1,11 @@
+# Copyright 2026 The MedMoE Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
+# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
+# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
+# specific language governing permissions and limitations under the License.
 """MedMoE: a CLIP-style medical vision-language model with a mixture of modality experts (arXiv 2506.08356).
 
 Data flow: pixel_values -> VisionPyramid (4 levels) -> router (hard top-1) -> the chosen ScaleFusionExpert ->
@@ -19,9 +27,10 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_medmoe import MedMoEConfig
-from .experts import MixtureOfModalityExperts, RouterMLP, ScaleFusionExpert
+from .experts import MixtureOfModalityExperts, RouterMLP
 from .losses import (
     global_contrastive_loss,
     load_balancing_loss,
@@ -30,7 +39,7 @@ from .losses import (
     word_region_attention,
 )
 from .text import TextTower, merge_word_pieces
-from .vision import VisionPyramid
+from .vision import BACKBONE_LAYER, VisionPyramid, initialise_like_timm
 from .zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings, zero_shot_probabilities
 
 
@@ -61,6 +70,10 @@ class MedMoEOutput(ModelOutput):
         report_type_loss: [] the report router's cross-entropy against the report type (with labels).
         router_loss: [] the image router's cross-entropy (with labels).
         load_balance_loss: [] the Switch load-balancing loss (when its weight is above 0).
+        text_model_output: `get_text_features`' output for the reports (token features, the projected report
+            embedding, and the text encoder's hidden states and attentions when asked for).
+        vision_model_output: `get_image_features`' output for the images (regions, the projected image embedding,
+            and the pyramid levels and fused map as hidden states when asked for).
     """
 
     loss: torch.FloatTensor | None = None
@@ -82,12 +95,15 @@ class MedMoEOutput(ModelOutput):
     report_type_loss: torch.FloatTensor | None = None
     router_loss: torch.FloatTensor | None = None
     load_balance_loss: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
 class ImageEncoding(ModelOutput):
     """The image side of MedMoE; shapes as in `MedMoEOutput`. `image_embeds` here is not normalised; `regions`
-    [B, h * w, D] is the local map as a sequence (project it with `region_projection` for region embeddings)."""
+    [B, h * w, D] is the local map as a sequence (project it with `region_projection` for region embeddings);
+    `hidden_states` (when asked for): the 4 pyramid levels [B, C_l, H_l, W_l], finest first, then the local map."""
 
     image_embeds: torch.FloatTensor | None = None
     regions: torch.FloatTensor | None = None
@@ -95,21 +111,40 @@ class ImageEncoding(ModelOutput):
     scale_attention: torch.FloatTensor | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+    def as_model_output(self) -> BaseModelOutputWithPooling:
+        """What `get_image_features` returns (see there)."""
+        return BaseModelOutputWithPooling(
+            last_hidden_state=self.regions, pooler_output=self.image_embeds, hidden_states=self.hidden_states
+        )
 
 
 @dataclass
 class TextEncoding(ModelOutput):
-    """The text side of MedMoE; shapes as in `MedMoEOutput`. `text_embeds` here is not normalised."""
+    """The text side of MedMoE; shapes as in `MedMoEOutput`. `text_embeds` here is not normalised; `hidden_states`
+    and `attentions` are the text encoder's (when asked for)."""
 
     text_embeds: torch.FloatTensor | None = None
     word_embeds: torch.FloatTensor | None = None
     word_mask: torch.BoolTensor | None = None
     text_router_logits: torch.FloatTensor | None = None
     token_features: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+    def as_model_output(self) -> BaseModelOutputWithPooling:
+        """What `get_text_features` returns (see there)."""
+        return BaseModelOutputWithPooling(
+            last_hidden_state=self.token_features,
+            pooler_output=self.text_embeds,
+            hidden_states=self.hidden_states,
+            attentions=self.attentions,
+        )
 
 
 class Head(nn.Linear):
-    """A linear head of ours (projections, classifier): `_init_weights` initialises it, unlike the towers' layers."""
+    """A linear head of ours (projections, classifier), initialised normal(0, initializer_range) (`_init_weights`)."""
 
 
 class MedMoEVisionModel(nn.Module):
@@ -123,6 +158,7 @@ class MedMoEVisionModel(nn.Module):
 
     def __init__(self, config: MedMoEConfig):
         super().__init__()
+        self.config = config
         vision_config = config.vision_config
         self.vision_pyramid = VisionPyramid(vision_config)
         levels = self.vision_pyramid.channels
@@ -149,9 +185,13 @@ class MedMoEVisionModel(nn.Module):
         router_logits: torch.Tensor,
         expert_index: torch.Tensor,
         gate_log_probability: torch.Tensor,
+        output_hidden_states: bool | None = None,
     ) -> ImageEncoding:
         """The chosen experts ([B]; log p of each choice [B] scales the output, see MixtureOfModalityExperts) and
-        the projection -> `ImageEncoding`."""
+        the projection -> `ImageEncoding` (with the levels and the local map as hidden states when
+        `output_hidden_states`, default: `vision_config.output_hidden_states`)."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.vision_config.output_hidden_states
         local_map, scale_attention = self.experts(levels, expert_index, gate_log_probability, self.local_grid_size)
         regions = local_map.flatten(2).transpose(1, 2)  # [B, h * w, D]
         return ImageEncoding(
@@ -161,13 +201,32 @@ class MedMoEVisionModel(nn.Module):
             scale_attention=scale_attention,
             router_logits=router_logits,
             expert_index=expert_index,
+            hidden_states=requested_hidden_states((*levels, local_map), output_hidden_states),
         )
 
-    def forward(self, pixel_values: torch.Tensor, expert_index: torch.Tensor | None = None) -> ImageEncoding:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        expert_index: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ImageEncoding:
         """pixel_values [B, 3, H, W] -> `ImageEncoding`, the experts `expert_index` [B] or the image router's."""
         levels, router_logits = self.route(pixel_values)
         expert_index, gate_log_probability = choose_experts(router_logits, expert_index)
-        return self.encode(levels, router_logits, expert_index, gate_log_probability)
+        return self.encode(levels, router_logits, expert_index, gate_log_probability, output_hidden_states)
+
+
+def requested_hidden_states(
+    hidden_states: tuple[torch.Tensor, ...], request: bool | list[int] | None
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The hidden states an `output_hidden_states` request asks for: all (True), none (False, None), or, as
+    transformers' models take it, a list of indices (negative from the end), the others None."""
+    if not request:
+        return None
+    if request is True:
+        return hidden_states
+    wanted = {index % len(hidden_states) for index in request}
+    return tuple(state if index in wanted else None for index, state in enumerate(hidden_states))
 
 
 def choose_experts(
@@ -184,32 +243,29 @@ class MedMoEPreTrainedModel(PreTrainedModel):
     config: MedMoEConfig
     config_class = MedMoEConfig
     base_model_prefix = "medmoe"
-    main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Our layers get normal(0, initializer_range) weights and zero biases, the logit scale its initial value;
-        the timm backbone keeps timm's initialisation and the text encoder its own. Loading builds the model on the
-        meta device, so timm modules recompute their non-persistent buffers (e.g. Swin's relative position index)
-        here."""
+        """How each of our modules starts, at construction and for every weight a checkpoint lacks (transformers'
+        init functions leave loaded weights alone): the timm backbone as timm initialises it
+        (`vision.initialise_like_timm`); our heads (projections, classifier) normal(0, initializer_range) with zero
+        biases; the experts' and routers' layers PyTorch's defaults (kaiming-uniform), as every measured run started;
+        the logit scale its initial value. The text encoder is a transformers model: transformers calls its own
+        `_init_weights`. Loading builds the model on the meta device, so timm modules recompute their non-persistent
+        buffers (e.g. Swin's relative position index) here."""
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-        if isinstance(module, (ScaleFusionExpert, RouterMLP, Head)):
-            self._init_own_layers(module)
+        if getattr(module, BACKBONE_LAYER, False):
+            initialise_like_timm(module)
+        elif isinstance(module, Head):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.GroupNorm)):
+            module.reset_parameters()
         elif isinstance(module, MedMoEModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-
-    def _init_own_layers(self, module: nn.Module) -> None:
-        for layer in module.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                init.normal_(layer.weight, mean=0.0, std=self.config.initializer_range)
-                if layer.bias is not None:
-                    init.zeros_(layer.bias)
-            elif isinstance(layer, nn.GroupNorm):
-                init.ones_(layer.weight)
-                init.zeros_(layer.bias)
 
 
 class MedMoEModel(MedMoEPreTrainedModel):
@@ -234,15 +290,27 @@ class MedMoEModel(MedMoEPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text encoder's token embeddings (`resize_token_embeddings` grows them with a tokenizer's new words)."""
+        return self.text_tower.encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_tower.encoder.set_input_embeddings(value)
+
     def encode_text(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         word_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> TextEncoding:
-        """Text side. input_ids [B, L] (and word_ids [B, L] for word embeddings) -> `TextEncoding`."""
-        token_features = self.text_tower(input_ids, attention_mask, token_type_ids)
+        """Text side. input_ids [B, L] (and word_ids [B, L] for word embeddings) -> `TextEncoding`, with the text
+        encoder's hidden states and attentions when asked for (default: as `text_config` says)."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.text_config.output_hidden_states
+        token_features, encoded = self.text_tower(input_ids, attention_mask, token_type_ids, output_attentions)
         report_feature = token_features[:, 0]
         word_embeds = word_mask = None
         if word_ids is not None:
@@ -254,6 +322,8 @@ class MedMoEModel(MedMoEPreTrainedModel):
             word_mask=word_mask,
             text_router_logits=self.text_router(report_feature),
             token_features=token_features,
+            hidden_states=requested_hidden_states(encoded.hidden_states, output_hidden_states),
+            attentions=encoded.attentions,
         )
 
     def compile_towers(self, **compile_kwargs) -> None:
@@ -263,25 +333,37 @@ class MedMoEModel(MedMoEPreTrainedModel):
         self.vision_model.vision_pyramid.compile(**compile_kwargs)
         self.text_tower.compile(**compile_kwargs)
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, expert_index: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        expert_index: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling:
         """pooler_output: the projected global image embedding [B, P] (not normalised, as CLIP);
-        last_hidden_state: the chosen expert's local map as a sequence [B, h * w, D]."""
-        image = self.vision_model(pixel_values, expert_index=expert_index)
-        return BaseModelOutputWithPooling(last_hidden_state=image.regions, pooler_output=image.image_embeds)
+        last_hidden_state: the chosen expert's local map as a sequence [B, h * w, D]; hidden_states (with
+        `output_hidden_states`, default `vision_config.output_hidden_states`): the 4 pyramid levels [B, C_l, H_l, W_l],
+        finest first, and the local map [B, D, h, w]. The image side returns no attention weights (timm computes the
+        backbone's fused, without them; the experts' attention over levels is `MedMoEOutput.scale_attention`), so
+        `output_attentions` leaves `attentions` None. `expert_index` [B] forces the experts."""
+        return self.vision_model(pixel_values, expert_index, output_hidden_states).as_model_output()
 
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        **kwargs,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling:
-        """pooler_output: the projected report embedding [B, P] (not normalised, as CLIP);
-        last_hidden_state: the token features [B, L, hidden]."""
-        text = self.encode_text(input_ids, attention_mask, token_type_ids)
-        return BaseModelOutputWithPooling(last_hidden_state=text.token_features, pooler_output=text.text_embeds)
+        """pooler_output: the projected report embedding [B, P] (not normalised, as CLIP); last_hidden_state: the
+        token features [B, L, hidden] (the sum of the last `text_hidden_layers_to_sum` layers); hidden_states and
+        attentions: the text encoder's, when asked for (default: as `text_config` says)."""
+        return self.encode_text(
+            input_ids, attention_mask, token_type_ids, None, output_hidden_states, output_attentions
+        ).as_model_output()
 
     def get_zero_shot_class_embeddings(
         self, tokenizer, class_names: list[str], templates: list[str] | tuple[str, ...] = DEFAULT_PROMPT_TEMPLATES
@@ -298,6 +380,7 @@ class MedMoEModel(MedMoEPreTrainedModel):
         """exp(logit_scale), capped at `config.logit_scale_max`."""
         return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -308,9 +391,9 @@ class MedMoEModel(MedMoEPreTrainedModel):
         report_type_labels: torch.Tensor | None = None,
         expert_index: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MedMoEOutput | tuple:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> MedMoEOutput:
         """Encode images and/or reports; with both, score every image against every report.
 
         Args:
@@ -322,8 +405,15 @@ class MedMoEModel(MedMoEPreTrainedModel):
                 left out, the routing losses are skipped.
             expert_index: [B_i] force these experts instead of routing.
             return_loss: compute the losses (needs paired batches, B_i == B_t).
+            output_hidden_states, output_attentions: the towers' hidden states and the text encoder's attentions in
+                `text_model_output` and `vision_model_output` (see `get_text_features`, `get_image_features`).
+            return_dict: False returns a tuple (default: `config.return_dict`).
         """
-        text = self.encode_text(input_ids, attention_mask, token_type_ids, word_ids) if input_ids is not None else None
+        text = None
+        if input_ids is not None:
+            text = self.encode_text(
+                input_ids, attention_mask, token_type_ids, word_ids, output_hidden_states, output_attentions
+            )
         image = None
         if pixel_values is not None:
             levels, router_logits = self.vision_model.route(pixel_values)
@@ -331,7 +421,7 @@ class MedMoEModel(MedMoEPreTrainedModel):
             chosen, gate_log_probability = choose_experts(
                 self.routing_logits(router_logits, text_router_logits), expert_index
             )
-            image = self.vision_model.encode(levels, router_logits, chosen, gate_log_probability)
+            image = self.vision_model.encode(levels, router_logits, chosen, gate_log_probability, output_hidden_states)
         if return_loss and (text is None or image is None):
             raise ValueError("return_loss=True needs both input_ids and pixel_values.")
         text_embeds = F.normalize(text.text_embeds, dim=-1) if text is not None else None
@@ -349,7 +439,7 @@ class MedMoEModel(MedMoEPreTrainedModel):
                 losses = self._losses(
                     text, image, text_embeds, image_embeds, region_embeds, logit_scale, report_type_labels
                 )
-        output = MedMoEOutput(
+        return MedMoEOutput(
             logits_per_image=logits_per_text.T if logits_per_text is not None else None,
             logits_per_text=logits_per_text,
             image_embeds=image_embeds,
@@ -363,9 +453,10 @@ class MedMoEModel(MedMoEPreTrainedModel):
             router_logits=image.router_logits if image is not None else None,
             text_router_logits=text.text_router_logits if text is not None else None,
             expert_index=image.expert_index if image is not None else None,
+            text_model_output=text.as_model_output() if text is not None else None,
+            vision_model_output=image.as_model_output() if image is not None else None,
             **losses,
         )
-        return output if return_dict is not False else output.to_tuple()
 
     def _paired_word_region_attention(self, text: TextEncoding, region_embeds: torch.Tensor) -> torch.Tensor:
         """Attention of report i's words over image i's regions: [B, W, h, w]."""
@@ -448,13 +539,15 @@ class MedMoEModel(MedMoEPreTrainedModel):
 @dataclass
 class MedMoEImageClassifierOutput(ModelOutput):
     """Outputs of `MedMoEForImageClassification`: loss (with labels), logits [B, num_labels], the routing
-    (router_logits [B, K], expert_index [B]) and the projected image embedding [B, P]."""
+    (router_logits [B, K], expert_index [B]), the projected image embedding [B, P], and with
+    `output_hidden_states` the pyramid levels and the local map (see `MedMoEModel.get_image_features`)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class MedMoEForImageClassification(MedMoEPreTrainedModel):
@@ -462,32 +555,36 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
     embedding. Uses `config.num_labels`, `id2label` and `label2id`; `from_pretrained` on a MedMoEModel folder reuses
     its vision weights and starts the classifier afresh."""
 
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
     def __init__(self, config: MedMoEConfig):
         super().__init__(config)
         self.vision_model = MedMoEVisionModel(config)
         self.classifier = Head(config.projection_dim, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         expert_index: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MedMoEImageClassifierOutput | tuple:
-        """pixel_values [B, 3, H, W]; labels [B] class indices (cross-entropy loss when given)."""
-        image = self.vision_model(pixel_values, expert_index=expert_index)
+        output_hidden_states: bool | None = None,
+    ) -> MedMoEImageClassifierOutput:
+        """pixel_values [B, 3, H, W]; labels [B] class indices (cross-entropy loss when given); return_dict: False
+        returns a tuple (default: `config.return_dict`)."""
+        image = self.vision_model(pixel_values, expert_index, output_hidden_states)
         logits = self.classifier(image.image_embeds)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        output = MedMoEImageClassifierOutput(
+        return MedMoEImageClassifierOutput(
             loss=loss,
             logits=logits,
             router_logits=image.router_logits,
             expert_index=image.expert_index,
             image_embeds=image.image_embeds,
+            hidden_states=image.hidden_states,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 # Folders saved before the image side became `vision_model` (2026-11-30) name its weights without the prefix.

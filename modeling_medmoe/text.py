@@ -1,3 +1,11 @@
+# Copyright 2026 The MedMoE Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
+# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
+# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
+# specific language governing permissions and limitations under the License.
 """The text tower: a transformers encoder built from config, giving a report feature and word features."""
 
 from __future__ import annotations
@@ -7,17 +15,18 @@ import inspect
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 
 def create_text_encoder(text_config: PreTrainedConfig) -> nn.Module:
-    """`AutoModel.from_config` with SDPA attention where the encoder supports it, and no unused pooler."""
+    """`AutoModel.from_config` without the pooler MedMoE does not use. Its attention is the one `text_config` asks
+    for (transformers' default, SDPA where the encoder supports it; `from_pretrained(..., attn_implementation=...)`
+    and `set_attn_implementation` choose another)."""
     encoder_class = MODEL_MAPPING[type(text_config)]
     kwargs = {}
     if "add_pooling_layer" in inspect.signature(encoder_class.__init__).parameters:
         kwargs["add_pooling_layer"] = False
-    if getattr(encoder_class, "_supports_sdpa", False):
-        kwargs["attn_implementation"] = "sdpa"
     return AutoModel.from_config(text_config, **kwargs)
 
 
@@ -64,10 +73,14 @@ class TextTower(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """[batch, tokens] ids -> token features [batch, tokens, hidden]; the first token is the report feature."""
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, BaseModelOutput]:
+        """[batch, tokens] ids -> (token features [batch, tokens, hidden], the first token being the report feature;
+        the encoder's own output, with its hidden states and, when asked for, its attentions)."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        if output_attentions is not None:
+            kwargs["output_attentions"] = output_attentions
         outputs = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
         )
-        return torch.stack(outputs.hidden_states[-self.layers_to_sum :]).sum(dim=0)
+        return torch.stack(outputs.hidden_states[-self.layers_to_sum :]).sum(dim=0), outputs

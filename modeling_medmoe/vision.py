@@ -1,3 +1,11 @@
+# Copyright 2026 The MedMoE Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
+# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
+# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
+# specific language governing permissions and limitations under the License.
 """The vision pyramid: a timm backbone built from config that returns 4 feature levels, finest first."""
 
 from __future__ import annotations
@@ -5,8 +13,12 @@ from __future__ import annotations
 import timm
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from .configuration_medmoe import MedMoEVisionConfig
+
+BACKBONE_LAYER = "medmoe_backbone_layer"  # marks the backbone's modules, which timm initialises
+TIMM_LINEAR_STD = 0.02  # timm's transformers initialise their Linear layers with trunc_normal(std=0.02)
 
 
 def create_backbone(
@@ -32,6 +44,20 @@ def create_backbone(
         return timm.create_model(config.backbone, **kwargs)
 
 
+def initialise_like_timm(module: nn.Module) -> None:
+    """A backbone module's own parameters as timm initialises its transformers: Linear layers trunc_normal(std 0.02)
+    with zero biases, Swin's relative position bias tables likewise, convolutions and norms with PyTorch's defaults.
+    Only parameters that were not loaded change (transformers' init functions skip loaded ones)."""
+    if isinstance(module, nn.Linear):
+        init.trunc_normal_(module.weight, std=TIMM_LINEAR_STD)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, (nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+        module.reset_parameters()
+    if isinstance(getattr(module, "relative_position_bias_table", None), nn.Parameter):
+        init.trunc_normal_(module.relative_position_bias_table, std=TIMM_LINEAR_STD)
+
+
 class VisionPyramid(nn.Module):
     """Runs the backbone and returns its 4 levels as channels-first maps.
 
@@ -52,6 +78,8 @@ class VisionPyramid(nn.Module):
                 "vision_config.backbone_out_indices to pick them."
             )
         self.reductions = reductions
+        for module in self.backbone.modules():
+            setattr(module, BACKBONE_LAYER, True)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -59,7 +87,9 @@ class VisionPyramid(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enable: bool) -> None:
-        """Set by `PreTrainedModel.activation_checkpointing_enable`; forwards to timm's own switch."""
+        """Set by `PreTrainedModel.activation_checkpointing_enable` (with the experts and the text encoder's layers);
+        forwards to timm's own switch, which checkpoints each stage of the backbone (timm's non-reentrant
+        checkpoint: the checkpointing kwargs of transformers apply to the experts and the text encoder)."""
         self._gradient_checkpointing = enable
         self.backbone.set_grad_checkpointing(enable)
 

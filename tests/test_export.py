@@ -18,28 +18,45 @@ from training import export  # noqa: E402
 from .test_archive import image_folder, phantoms, run_index  # noqa: E402, F401
 
 
+def varied_images(count: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise images [count, 3, 64, 64] from dark to bright, their brightness in 6 bands [count])."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 3.0, count).view(count, 1, 1, 1)
+    offset = torch.linspace(-2, 2, count)
+    images = torch.randn(count, 3, 64, 64, generator=generator) * scale + offset.view(-1, 1, 1, 1)
+    return images, ((offset + 2) / 4 * 6).long().clamp(max=5)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, nano_folder):
-    """The nano folder with an fp32 export, and a copy with an int8 one."""
+    """The nano model with its image router taught to tell the images' brightness bands apart (an untrained router's
+    logits differ by hundredths, which int8 rounding flips; a trained router's margins are wide), saved with an fp32
+    export, and a copy with an int8 one."""
+    torch.manual_seed(0)
+    model = MedMoEModel.from_pretrained(nano_folder).train()
+    router = model.vision_model.image_router
+    optimizer = torch.optim.AdamW(router.parameters(), lr=1e-2)
+    images, bands = varied_images(96, seed=2)
+    with torch.no_grad():
+        pooled = model.vision_model.vision_pyramid(images)[-1].mean(dim=(2, 3))
+    for _ in range(200):
+        torch.nn.functional.cross_entropy(router(pooled), bands).backward()
+        optimizer.step()
+        optimizer.zero_grad()
     fp32 = tmp_path_factory.mktemp("exported") / "fp32"
     shutil.copytree(nano_folder, fp32)
-    export.main(["--model", str(fp32)])
+    model.save_pretrained(fp32)
     int8 = fp32.parent / "int8"
-    shutil.copytree(nano_folder, int8)
+    shutil.copytree(fp32, int8)
+    export.main(["--model", str(fp32)])
     export.main(["--model", str(int8), "--int8"])
     return fp32, int8
-
-
-def varied_images(count: int = 24) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1)
-    scale = torch.linspace(0.2, 3.0, count).view(count, 1, 1, 1)
-    return torch.randn(count, 3, 64, 64, generator=generator) * scale + torch.linspace(-2, 2, count).view(-1, 1, 1, 1)
 
 
 def against_pytorch(folder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the export's experts, PyTorch's experts, cosine of the two embeddings) on `varied_images`."""
     model = MedMoEModel.from_pretrained(folder).eval()
-    pixels = varied_images()
+    pixels, _ = varied_images()
     with torch.no_grad():
         eager = model.vision_model(pixels)
     embeddings, experts = OnnxImageEncoder(folder)(pixels)
@@ -57,7 +74,7 @@ def test_the_fp32_export_agrees_with_pytorch_and_keeps_the_routing(exported):
 
 def test_int8_stays_close_to_pytorch(exported):
     experts, eager_experts, cosine = against_pytorch(exported[1])
-    assert cosine.mean() >= 0.99 and (experts == eager_experts).float().mean() >= 0.9  # measured: 0.999+, 1.0
+    assert cosine.mean() >= 0.99 and (experts == eager_experts).float().mean() >= 0.9  # measured: 0.993, 1.0
     assert OnnxImageEncoder(exported[1]).precision == "int8"
 
 
@@ -67,7 +84,7 @@ def test_a_folder_with_an_export_still_loads_in_pytorch_alone(exported):
     folder, _ = exported
     assert has_onnx_export(folder)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    assert model(pixel_values=varied_images(2)).image_embeds.shape == (2, model.config.projection_dim)
+    assert model(pixel_values=varied_images(2)[0]).image_embeds.shape == (2, model.config.projection_dim)
 
 
 def test_the_export_is_refused_clearly(tmp_path, nano_folder):

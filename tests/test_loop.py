@@ -67,8 +67,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def test_pretraining_through_the_shared_loop_matches_the_loop_it_replaced(tmp_path):
     """The losses and held-out figures of a seeded 8-step nano run (checkpoints and evaluations at steps 4 and 8)
     equal those recorded in fixtures/pretrain_nano_reference.json by pretrain.py's own loop before it moved into
-    training/loop.py (commit 3f0f8c8, with today's modeling_medmoe/experts.py, whose idle experts keep no gradient in
-    one process), with the same saved vocabulary (a learnt one may differ where pieces tie)."""
+    training/loop.py (commit 3f0f8c8 run with the modeling_medmoe/ of 2026-12-04: idle experts keep no gradient in
+    one process, the initialisation goes through _init_weights), with the same saved vocabulary (a learnt one may
+    differ where pieces tie)."""
     from .test_pretrain import run_script
 
     output_dir = tmp_path / "run"

@@ -1,8 +1,11 @@
-"""MedMoEModel behaviour: sparse dispatch, router gradients, routing modes, checkpointing, dtype."""
+"""MedMoEModel behaviour: sparse dispatch, router gradients, routing modes, checkpointing, dtype, and what a user of
+transformers relies on (initialisation of missing weights, attention selection, return_dict, hidden states, the
+main input, token embeddings, torch.export)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
 
@@ -14,7 +17,7 @@ def count_expert_calls(model):
 
         def hook(module, args, index=index):
             calls[index] += 1
-            samples[index] += args[0][0].shape[0]
+            samples[index] += args[0].shape[0]
 
         expert.register_forward_pre_hook(hook)
     return calls, samples
@@ -190,6 +193,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, batch):
         if enable:
             model.activation_checkpointing_enable()
         assert model.vision_model.vision_pyramid.gradient_checkpointing is enable
+        assert all(expert.gradient_checkpointing is enable for expert in model.vision_model.experts.experts)
         assert model.text_tower.encoder.encoder.layer[0].gradient_checkpointing is enable
         torch.manual_seed(3)
         out = model(**batch, return_loss=True, report_type_labels=labels)
@@ -262,3 +266,123 @@ def test_an_idle_expert_is_unchanged_by_a_one_process_step(model, batch):
         after = list(model.vision_model.experts.experts[3].parameters())
         assert all(torch.equal(old, new) for old, new in zip(before, after))
     assert not torch.equal(used_before, used)  # the chosen experts trained
+
+
+def test_a_checkpoint_missing_tensors_loads_them_initialised_as_at_construction(model, batch, tmp_path):
+    """Whatever a checkpoint lacks (backbone, expert, router, head or text tensors) is initialised by the model's own
+    scheme (no uninitialised memory), and the loading report names it."""
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    missing = {
+        "vision_model.vision_pyramid.backbone.patch_embed.proj.weight",
+        "vision_model.vision_pyramid.backbone.layers_0.blocks.0.attn.qkv.weight",
+        "vision_model.vision_pyramid.backbone.layers_0.blocks.0.attn.relative_position_bias_table",
+        "vision_model.vision_pyramid.backbone.layers_0.blocks.0.norm1.weight",
+        "vision_model.experts.experts.0.projections.0.0.weight",
+        "vision_model.image_router.0.weight",
+        "text_projection.weight",
+        "text_tower.encoder.encoder.layer.0.attention.self.query.weight",
+        "logit_scale",
+    }
+    on_disk = {key.removeprefix("vision_model.") for key in missing}  # saves keep the names folders have on disk
+    assert on_disk <= set(state)
+    save_file({key: value for key, value in state.items() if key not in on_disk}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    loaded, info = MedMoEModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert missing <= set(info["missing_keys"])
+    parameters = dict(loaded.named_parameters())
+    for key in missing:
+        assert torch.isfinite(parameters[key]).all(), key
+    block = "vision_model.vision_pyramid.backbone.layers_0.blocks.0"
+    for key in (f"{block}.attn.qkv.weight", f"{block}.attn.relative_position_bias_table", "text_projection.weight"):
+        assert 0.01 < parameters[key].std() < 0.03, key  # trunc_normal / normal with std 0.02
+    assert torch.equal(parameters[f"{block}.norm1.weight"], torch.ones_like(parameters[f"{block}.norm1.weight"]))
+    assert parameters["logit_scale"].item() == pytest.approx(model.config.logit_scale_init_value)
+    kept = "experts.experts.1.projections.0.0.weight"
+    assert torch.equal(parameters[f"vision_model.{kept}"], state[kept])  # loaded weights are left alone
+    with torch.no_grad():
+        assert torch.isfinite(loaded(**batch).logits_per_image).all()
+
+
+def test_the_attention_implementation_reaches_the_text_encoder(nano_folder, batch):
+    default = MedMoEModel.from_pretrained(nano_folder).eval()
+    eager = MedMoEModel.from_pretrained(nano_folder, attn_implementation="eager").eval()
+    assert default.text_tower.encoder.config._attn_implementation == "sdpa"
+    assert eager.text_tower.encoder.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**batch).logits_per_image, default(**batch).logits_per_image, atol=1e-4,
+                                   rtol=1e-4)  # fmt: skip
+    default.set_attn_implementation("eager")
+    assert default.text_tower.encoder.config._attn_implementation == "eager"
+
+
+def test_return_dict_false_gives_tuples(model, batch, monkeypatch):
+    monkeypatch.setattr(model.config, "return_dict", False)  # the config is the session's: restored after
+    model.eval()
+    with torch.no_grad():
+        assert isinstance(model(**batch), tuple)
+        assert isinstance(model.get_image_features(pixel_values=batch["pixel_values"]), tuple)
+        assert isinstance(model.get_text_features(input_ids=batch["input_ids"]), tuple)
+        assert isinstance(model(**batch, return_dict=True).logits_per_image, torch.Tensor)
+
+
+def test_hidden_states_and_attentions_of_both_towers(model, batch):
+    """Text: the encoder's hidden states and attentions; image: the 4 pyramid levels (strides 4 to 32) and the
+    chosen expert's fused map."""
+    model.eval().set_attn_implementation("eager")
+    side = model.config.vision_config.image_size
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=batch["pixel_values"], output_hidden_states=True)
+        text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       output_hidden_states=True, output_attentions=True)  # fmt: skip
+        out = model(**batch, output_hidden_states=True)
+    levels, fused = image.hidden_states[:4], image.hidden_states[4]
+    assert [level.shape[-1] for level in levels] == [side // 4, side // 8, side // 16, side // 32]
+    assert fused.shape == (8, model.config.vision_config.expert_dim, *model.vision_model.local_grid_size)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(text.hidden_states) == layers + 1 and len(text.attentions) == layers
+    assert len(out.text_model_output.hidden_states) == layers + 1 and len(out.vision_model_output.hidden_states) == 5
+    torch.testing.assert_close(out.vision_model_output.pooler_output, image.pooler_output)
+    assert model.get_image_features(pixel_values=batch["pixel_values"]).hidden_states is None
+
+
+def test_a_model_called_with_one_tensor_reads_token_ids(model, batch):
+    """As CLIPModel: the main input is the token ids (Trainer counts tokens from it); the classifier's is pixels."""
+    assert MedMoEModel.main_input_name == "input_ids"
+    assert MedMoEForImageClassification.main_input_name == "pixel_values"
+    with torch.no_grad():
+        out = model.eval()(batch["input_ids"])
+    assert out.text_embeds.shape[0] == 8 and out.image_embeds is None
+
+
+def test_token_embeddings_grow_for_a_hospitals_new_words(model, batch):
+    vocabulary = model.config.text_config.vocab_size
+    model.resize_token_embeddings(vocabulary + 5)
+    assert model.get_input_embeddings().num_embeddings == vocabulary + 5 == model.config.text_config.vocab_size
+    input_ids = batch["input_ids"].clone()
+    input_ids[:, 1] = vocabulary + 3
+    with torch.no_grad():
+        out = model.eval()(input_ids=input_ids, attention_mask=batch["attention_mask"])
+    assert torch.isfinite(out.text_embeds).all()
+
+
+def test_image_and_text_features_export_with_torch_export(model, batch):
+    """While exporting, the experts run dense (group sizes depend on the data); the numbers are the sparse path's."""
+    model.eval()
+
+    class ImageFeatures(torch.nn.Module):
+        def forward(self, pixel_values):
+            return model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    class TextFeatures(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    pixel_values, text = batch["pixel_values"], (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        expected_image, expected_text = ImageFeatures()(pixel_values), TextFeatures()(*text)
+        exported_image = torch.export.export(ImageFeatures(), (pixel_values,)).module()
+        exported_text = torch.export.export(TextFeatures(), text).module()
+        torch.testing.assert_close(exported_image(pixel_values), expected_image, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(exported_text(*text), expected_text, atol=1e-5, rtol=1e-4)
+    assert model.vision_model.experts.dispatch == "sparse"

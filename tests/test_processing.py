@@ -101,3 +101,24 @@ def test_processor_joins_images_and_text(processor, images):
     assert set(encoding) == {"input_ids", "token_type_ids", "attention_mask", "word_ids", "pixel_values"}
     with pytest.raises(ValueError, match="needs images, text or both"):
         processor()
+
+
+def test_window_and_frame_reach_the_image_processor_and_conflicts_are_refused(processor):
+    """transformers' processor contract: a keyword goes to the sub-processor that declares it, or is given per
+    sub-processor; one given twice is refused."""
+    from pydicom.data import get_testdata_file
+
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    windowed = processor.image_processor(ct, window="lung")["pixel_values"]
+    assert not torch.allclose(windowed, processor.image_processor(ct)["pixel_values"])
+    for kwargs in ({"window": "lung"}, {"images_kwargs": {"window": "lung"}}, {"common_kwargs": {"window": "lung"}}):
+        out = processor(images=ct, text=["Axial CT of the chest."], padding=True, **kwargs)
+        torch.testing.assert_close(out["pixel_values"], windowed)
+        assert out["input_ids"].shape == out["word_ids"].shape
+    with pytest.raises(ValueError, match="window was passed two times"):
+        processor(images=ct, text="chest", window="lung", images_kwargs={"window": "brain"})
+    with pytest.raises(ValueError, match="padding was passed two times"):
+        processor(text="chest", padding="max_length", text_kwargs={"padding": "do_not_pad"})
+    rtdose = get_testdata_file("rtdose.dcm", download=False)
+    torch.testing.assert_close(processor(images=rtdose, frame=0)["pixel_values"],
+                               processor.image_processor(rtdose, frame=0)["pixel_values"])  # fmt: skip

@@ -49,7 +49,7 @@ AUDIT_IMPORT = r"""
 import sys
 import timm, torch, transformers
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel  # their own lazy imports
-from transformers import image_processing_utils, modeling_outputs, processing_utils
+from transformers import image_processing_utils, modeling_layers, modeling_outputs, processing_utils
 events = []
 def audit(event, args):
     if event == "open":

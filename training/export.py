@@ -69,7 +69,7 @@ class ExpertGraph(nn.Module):
         self.grid_size = model.vision_model.local_grid_size
 
     def forward(self, level_0, level_1, level_2, level_3):
-        local_map, _ = self.expert([level_0, level_1, level_2, level_3], self.grid_size)
+        local_map, _ = self.expert(level_0, level_1, level_2, level_3, grid_size=self.grid_size)
         return self.projection(local_map.flatten(2).mean(dim=2))
 
 
