@@ -27,7 +27,9 @@ report text, one expert per modality of the train split (a user knows which moda
 MedMoE system unless it sets its own experts), modality_labels (the ablation that trains the routers on realmed's
 `modality` column, the column zero-shot accuracy and purity are scored against: never the headline), medmoe_seed43
 (the same as medmoe, a second seed),
-single_expert, preset_experts (the preset's six experts, the paper's modalities), local_loss_on, local_loss_0.25,
+single_expert (the uniform feature path: one expert, no router, no report-type loss), unsupervised_router (the experts
+with no report-type loss: nothing supervises the router), preset_experts (the preset's six experts, the paper's
+modalities), local_loss_on, local_loss_0.25,
 router_text_teacher, expert_depth_3, router_last_level (the paper's router, on the coarsest level only), text_tower_256
 (the anchor's text width and depth), no_sentence_sampling (each changes one thing), open_clip (random-init CLIP of about
 the same size; see benchmarks/open_clip_baseline.py) and open_clip_train, both in a separate virtual environment this
@@ -65,7 +67,9 @@ MEDMOE_SYSTEMS = {  # every MedMoE system reads report types from the report tex
     "medmoe": [],
     "modality_labels": ["--report_type_column", "modality"],  # ablation: the scored modality column as labels
     "medmoe_seed43": ["--seed", "43"],  # the same system, a second seed
-    "single_expert": ["--num_experts", "1"],
+    "single_expert": ["--num_experts", "1"],  # the uniform feature path: one expert, no router, no report types
+    # experts whose router nothing supervises (no report-type losses): the paper's ablation of the supervision
+    "unsupervised_router": ["--config_overrides", "report_type_loss_weight=0,router_loss_weight=0"],
     "local_loss_on": ["--local_loss_weight", "1"],
     "local_loss_0.25": ["--local_loss_weight", "0.25"],
     "router_text_teacher": ["--router_input", "text_teacher"],
@@ -131,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seeds",
         help="comma-separated seeds: every MedMoE system and the anchor run once per seed (as SYSTEM@SEED), and the "
         "table gives mean ± standard deviation, ahead or behind the anchor only beyond the larger deviation",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="train every MedMoE system this many steps (no calibration): the systems compared at equal steps",
     )
     parser.add_argument(
         "--calibration_steps",
@@ -328,8 +337,11 @@ def seeded(name: str) -> tuple[str, list[str]]:
 
 
 def calibrated_steps(args, name: str, extra: list[str]) -> int:
-    """The schedule's steps for run NAME: another seed's of the same system when one has trained in OUT (every seed
-    of a system trains the same schedule, sized once on a quiet machine), else a calibration run's."""
+    """The schedule's steps for run NAME: --steps when given; else another seed's of the same system when one has
+    trained in OUT (every seed of a system trains the same schedule, sized once on a quiet machine), else a
+    calibration run's."""
+    if args.steps:
+        return args.steps
     system, _ = seeded(name)
     for steps_file in sorted(args.output_dir.glob(f"{system}@*/scheduled_steps.txt")):
         print(f"[{name}] the schedule of {steps_file.parent.name}: {steps_file.read_text().strip()} steps")
