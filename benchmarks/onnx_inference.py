@@ -28,8 +28,8 @@ if __package__ in (None, ""):
 
 from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
 from modeling_medmoe import MedMoEConfig, MedMoEModel  # noqa: E402
+from modeling_medmoe.onnx_export import export_image_side  # noqa: E402
 from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder  # noqa: E402
-from training.export import export_image_side  # noqa: E402
 
 BACKENDS = ("eager", "compile", "onnx_fp32", "onnx_int8")
 

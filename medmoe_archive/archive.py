@@ -30,6 +30,7 @@ import torch
 from medmoe_archive.dicomweb import PacsError, PacsSettings, add_pacs_arguments, dicomweb_rows, parse_qido_filters
 from medmoe_archive.rows import DICOM_FIELDS, ArchiveRow
 from modeling_medmoe.dicom import is_dicom, is_dicom_bytes, is_dicom_file
+from modeling_medmoe.image_encoder import ImageEncoder
 from modeling_medmoe.limits import InputLimits, InputTooLarge
 from training import data as data_module
 
@@ -293,32 +294,11 @@ def thumbnail_png(unit_image: torch.Tensor, size: int) -> bytes:
     return buffer.getvalue()
 
 
-BACKENDS = ("auto", "torch", "onnx")
-
-
-class ImageEmbedder:
-    """pixel_values [B, 3, H, W] -> (L2-normalised image embeddings [B, P], chosen expert [B]) with the model in
-    PyTorch, or with the folder's ONNX export (`training/export.py`) on ONNX Runtime. `backend`: "torch", "onnx",
-    or "auto" (ONNX when the folder holds an export and onnxruntime is installed). `name` says which runs."""
-
-    def __init__(self, model, folder: str, backend: str = "auto"):
-        from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder, exported_encoder
-
-        if backend not in BACKENDS:
-            raise ValueError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
-        self.model = model
-        self.onnx = OnnxImageEncoder(folder) if backend == "onnx" else None
-        if backend == "auto":
-            self.onnx = exported_encoder(folder)
-        self.name = f"onnx-{self.onnx.precision}" if self.onnx else "torch"
-
-    @torch.no_grad()
-    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.onnx is not None:
-            embeddings, experts = self.onnx(pixel_values)
-            return torch.nn.functional.normalize(embeddings, dim=-1), experts
-        out = self.model(pixel_values=pixel_values.to(self.model.device, self.model.dtype))
-        return out.image_embeds.float().cpu(), out.expert_index.cpu()
+def embed_images(encoder: ImageEncoder, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised image embeddings [B, P], chosen experts [B]) of pixel_values [B, 3, H, W], what an index
+    stores (inner product = cosine similarity)."""
+    embeddings, experts = encoder(pixel_values)
+    return torch.nn.functional.normalize(embeddings, dim=-1), experts
 
 
 @torch.no_grad()

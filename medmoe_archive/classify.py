@@ -41,6 +41,7 @@ from medmoe_archive.dicomweb import PacsError
 from medmoe_archive.rows import ArchiveRow
 from model_card.generate import SYNTHETIC_NOTE
 from modeling_medmoe import MedMoEImageProcessor
+from modeling_medmoe.image_encoder import BACKENDS, ImageEncoder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", required=True, help="comma-separated class names, e.g. CT,MRI,X-ray")
     parser.add_argument("--out", required=True, type=Path, help="the per-image CSV (the per-series one goes beside)")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--backend", choices=archive.BACKENDS, default="auto", help="image side: torch, onnx or auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="image side: torch, onnx or auto")
     add_deidentify_arguments(parser)
     return parser.parse_args(argv)
 
@@ -83,16 +84,16 @@ def classify_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> 
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
     labels, templates = zero_shot_request(args.labels, image_processor)
     class_embeds = model.get_zero_shot_class_embeddings(tokenizer, labels, templates)
-    embedder = archive.ImageEmbedder(model, args.model, args.backend)
+    encoder = ImageEncoder.for_model(model, args.model, args.backend)
     source = archive.ArchiveSource.from_args(args, image_processor.limits)
     rows, _ = source.open()
     per_image, skipped = [], []
-    bar = tqdm(desc=f"classifying ({embedder.name})", unit="image")
+    bar = tqdm(desc=f"classifying ({encoder.name})", unit="image")
     for batch in batched(rows, args.batch_size):
         pixels, kept, _, batch_skipped = archive.prepare_rows(batch, image_processor, args.window)
         skipped += [policy.skipped(entry) for entry in batch_skipped]
         if kept:
-            embeddings, experts = embedder(torch.stack(pixels))
+            embeddings, experts = archive.embed_images(encoder, torch.stack(pixels))
             probabilities = model.zero_shot_probabilities(embeddings, class_embeds)
             per_image += [image_row(row, labels, p, model.config.expert_names[e], policy) for row, p, e in
                           zip(kept, probabilities, experts.tolist())]  # fmt: skip
@@ -104,7 +105,7 @@ def classify_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> 
         "images": len(per_image),
         "series": len(series),
         "skipped": dict(Counter(entry["reason"] for entry in skipped)),
-        "backend": embedder.name,
+        "backend": encoder.name,
         "outputs": [str(path) for path in paths],
         "warning": synthetic_only_warning(args.model),
     }

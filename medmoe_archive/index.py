@@ -36,6 +36,7 @@ from medmoe_archive import archive
 from medmoe_archive.deidentify import IdentifiedOutput, add_deidentify_arguments, output_policy, private_files
 from medmoe_archive.dicomweb import PacsError
 from modeling_medmoe import MedMoEImageProcessor
+from modeling_medmoe.image_encoder import BACKENDS, ImageEncoder
 
 CHUNK_PATTERN = "chunk-{:05d}.parquet"
 
@@ -71,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--backend",
-        choices=archive.BACKENDS,
+        choices=BACKENDS,
         default="auto",
         help="image side: torch, onnx (the folder's export, training/export.py), or auto (onnx when exported)",
     )
@@ -140,8 +141,8 @@ class ChunkWriter:
 
 
 def embed_archive(
-    rows, embedder, image_processor, writer: ChunkWriter, *, skip: int, batch_size: int, max_rows: int | None,
-    window: str | None, thumbnail_size: int,
+    rows, encoder: ImageEncoder, image_processor, writer: ChunkWriter, *, skip: int, batch_size: int,
+    max_rows: int | None, window: str | None, thumbnail_size: int,
 ) -> None:  # fmt: skip
     """Read, prepare, embed and hand to `writer` every source row after the first `skip` (at most `max_rows` rows
     in all), `batch_size` at a time."""
@@ -153,26 +154,25 @@ def embed_archive(
             continue
         batch.append(row)
         if len(batch) == batch_size:
-            embed_batch(batch, embedder, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
+            embed_batch(batch, encoder, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
             bar.update(len(batch))
             batch = []
     if batch:
-        embed_batch(batch, embedder, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
+        embed_batch(batch, encoder, image_processor, writer, window=window, thumbnail_size=thumbnail_size)
         bar.update(len(batch))
     bar.close()
     writer.flush()
 
 
-def embed_batch(rows, embedder, image_processor, writer, *, window: str | None, thumbnail_size: int) -> None:
+def embed_batch(rows, encoder: ImageEncoder, image_processor, writer, *, window: str | None, thumbnail_size: int):
     """Prepare each row (DICOM through `window`; skipping, counting and listing the unreadable ones), embed the
-    rest with `embedder` (`archive.ImageEmbedder`), give them to the writer (with a `thumbnail_size` thumbnail each,
-    0 = none)."""
+    rest with `encoder`, give them to the writer (with a `thumbnail_size` thumbnail each, 0 = none)."""
     pixels, kept, units, skipped = archive.prepare_rows(rows, image_processor, window)
     thumbnails = [archive.thumbnail_png(unit, thumbnail_size) if thumbnail_size else None for unit in units]
     records = []
     if kept:
-        expert_names = embedder.model.config.expert_names
-        embeddings, experts = embedder(torch.stack(pixels))
+        expert_names = encoder.model.config.expert_names
+        embeddings, experts = archive.embed_images(encoder, torch.stack(pixels))
         for row, embedding, expert, thumbnail in zip(kept, embeddings, experts.tolist(), thumbnails):
             records.append(
                 {
@@ -280,9 +280,9 @@ def index_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> dic
     features = datasets.Features(policy.features(archive.index_features(metadata, model.config.projection_dim)))
     writer = ChunkWriter(args.output_dir, features, progress, args.chunk_size, policy, args.flush_seconds)
     start = time.perf_counter()
-    embedder = archive.ImageEmbedder(model, args.model, args.backend)
-    print(f"Image side on {embedder.name}.")
-    embed_archive(rows, embedder, image_processor, writer, skip=progress["rows_read"], batch_size=args.batch_size,
+    encoder = ImageEncoder.for_model(model, args.model, args.backend)
+    print(f"Image side on {encoder.name}.")
+    embed_archive(rows, encoder, image_processor, writer, skip=progress["rows_read"], batch_size=args.batch_size,
                   max_rows=args.max_rows, window=args.window, thumbnail_size=thumbnail_size)  # fmt: skip
     embed_seconds = time.perf_counter() - start
     dataset, index_seconds = build_index(args.output_dir, args.index)
@@ -295,7 +295,7 @@ def index_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> dic
         "skipped_list": archive.SKIPPED_FILE,
         "dimension": model.config.projection_dim,
         "index": args.index,
-        "backend": embedder.name,
+        "backend": encoder.name,
         "holds": policy.holdings(dataset.column_names, archive.columns_with_values(dataset, ("path", "thumbnail"))),
         "expert_names": list(model.config.expert_names),
         "window": args.window,

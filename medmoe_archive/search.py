@@ -28,6 +28,7 @@ from transformers import AutoModel, AutoTokenizer
 from medmoe_archive import archive
 from medmoe_archive.deidentify import private_files, private_permissions
 from modeling_medmoe import MedMoEImageProcessor
+from modeling_medmoe.image_encoder import ImageEncoder
 
 
 def positive_int(text: str) -> int:
@@ -84,7 +85,7 @@ class ArchiveSearch:
         self.model = AutoModel.from_pretrained(model_name, trust_remote_code=True).to(device).eval()
         self.image_processor = MedMoEImageProcessor.from_pretrained(model_name)
         self.tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
-        self.embed_images = archive.ImageEmbedder(self.model, model_name, "torch")
+        self.image_encoder = ImageEncoder.for_model(self.model, model_name, "torch")
         if self.model.config.projection_dim != self.info["dimension"]:
             raise ValueError(f"{model_name} embeds in {self.model.config.projection_dim} dimensions; the index holds "
                              f"{self.info['dimension']}.")  # fmt: skip
@@ -96,7 +97,7 @@ class ArchiveSearch:
 
     def image_query(self, image, window=None) -> torch.Tensor:
         pixel_values = self.image_processor(images=[image], window=window)["pixel_values"]
-        return self.embed_images(pixel_values)[0][0]
+        return archive.embed_images(self.image_encoder, pixel_values)[0][0]
 
     def search(
         self, query: torch.Tensor, k: int, expert: str | None = None, where: dict | None = None,

@@ -52,8 +52,8 @@ class EndpointHandler:
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
         self.limits = self.processor.image_processor.limits
         self.zero_shot_request = model_code(self.model, "zero_shot").zero_shot_request
-        self.onnx_encoder = model_code(self.model, "onnx_image_encoder").exported_encoder(path)
-        self.backend = f"onnx-{self.onnx_encoder.precision}" if self.onnx_encoder else "torch"
+        self.image_encoder = model_code(self.model, "image_encoder").ImageEncoder.for_model(self.model, path)
+        self.backend = self.image_encoder.name
         print(f"MedMoE endpoint: image side on {self.backend}.")
 
     def __call__(self, data: dict[str, Any]) -> list[dict] | dict:
@@ -109,7 +109,7 @@ class EndpointHandler:
         labels, templates = self.zero_shot_request(
             parameters.get("candidate_labels"), parameters.get("hypothesis_template"), self.limits
         )
-        image_embeds, _ = self.image_side(self.pixel_values([image], parameters))
+        image_embeds, _ = self.image_encoder(self.pixel_values([image], parameters))
         class_embeds = self.model.get_zero_shot_class_embeddings(self.processor.tokenizer, labels, templates)
         scores = self.model.zero_shot_probabilities(image_embeds, class_embeds)[0].tolist()
         return sorted(
@@ -122,16 +122,10 @@ class EndpointHandler:
         if not values:
             raise BadRequest("No image given.")
         self.limits.check("max_images", len(values), "The number of images")
-        embeddings, expert_index = self.image_side(self.pixel_values([self.read_image(v) for v in values], parameters))
+        pixel_values = self.pixel_values([self.read_image(value) for value in values], parameters)
+        embeddings, expert_index = self.image_encoder(pixel_values)
         experts = [self.model.config.expert_names[index] for index in expert_index.tolist()]
         return {"embeddings": F.normalize(embeddings, dim=-1).tolist(), "experts": experts, "backend": self.backend}
-
-    def image_side(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image embeddings [B, P], not normalised; chosen experts [B]) on the ONNX export or in PyTorch."""
-        if self.onnx_encoder is not None:
-            return self.onnx_encoder(pixel_values)
-        image = self.model.vision_model(pixel_values)
-        return image.image_embeds, image.expert_index
 
     @torch.no_grad()
     def text_embeddings(self, inputs: Any) -> dict:

@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from .configuration_medmoe import PRESETS, MedMoEConfig, MedMoEVisionConfig
+from .image_encoder import ImageEncoder
 from .image_processing_medmoe import MedMoEImageProcessor
 from .modeling_medmoe import MedMoEForImageClassification, MedMoEModel, MedMoEOutput, MedMoEPreTrainedModel
 from .processing_medmoe import MedMoEProcessor
@@ -37,6 +38,7 @@ AutoModelForImageClassification.register(MedMoEConfig, MedMoEForImageClassificat
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATES",
     "PRESETS",
+    "ImageEncoder",
     "UNKNOWN_REPORT_TYPE",
     "MedMoEConfig",
     "MedMoEForImageClassification",

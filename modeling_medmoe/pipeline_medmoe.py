@@ -32,8 +32,8 @@ import urllib.request
 import torch
 from transformers.pipelines import ZeroShotImageClassificationPipeline
 
+from .image_encoder import ImageEncoder
 from .limits import InputLimits
-from .onnx_image_encoder import exported_encoder
 from .zero_shot import zero_shot_request
 
 DOWNLOAD_CHUNK_BYTES = 1 << 16
@@ -75,11 +75,9 @@ class MedMoEZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipel
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, P]: on the folder's ONNX export when it has one and onnxruntime is installed, else in PyTorch."""
-        if not hasattr(self, "onnx_encoder"):
-            self.onnx_encoder = exported_encoder(self.model.name_or_path)
-        if self.onnx_encoder is not None:
-            return self.onnx_encoder(pixel_values)[0]
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        if not hasattr(self, "image_encoder"):
+            self.image_encoder = ImageEncoder.for_model(self.model)
+        return self.image_encoder(pixel_values)[0]
 
     def _forward(self, model_inputs: dict) -> dict:
         image_embeds = self.image_embeddings(model_inputs["pixel_values"])

@@ -254,8 +254,8 @@ def archive_model(nano_folder):
 @FUZZ
 def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries, tmp_path_factory, memory_bound):
     from medmoe_archive import archive
-    from medmoe_archive.archive import ImageEmbedder
     from medmoe_archive.index import embed_batch
+    from modeling_medmoe.image_encoder import ImageEncoder
 
     folder = tmp_path_factory.mktemp("walk")
     for name, suffix, kind, data in entries:
@@ -264,6 +264,6 @@ def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries,
     rows = list(archive.folder_rows(folder))
     writer = CollectingWriter()
     model, image_processor = archive_model
-    embed_batch(rows, ImageEmbedder(model, "", "torch"), image_processor, writer, window=None, thumbnail_size=16)
+    embed_batch(rows, ImageEncoder(model), image_processor, writer, window=None, thumbnail_size=16)
     assert writer.rows_read == len(rows) == len(writer.records) + len(writer.skipped)
     assert all(entry["reason"] and entry["id"] and entry["path"] for entry in writer.skipped)

@@ -38,8 +38,12 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def embed_pairs(model, dataloader, device: torch.device, description: str = "embedding", show_progress=True):
-    """Embed every image-report pair of `dataloader` (batches from `data.BatchStream`) with `model` in eval mode."""
+def embed_pairs(
+    model, dataloader, device: torch.device, description: str = "embedding", show_progress=True, image_encoder=None
+):
+    """Embed every image-report pair of `dataloader` (batches from `data.BatchStream`) with `model` in eval mode;
+    the images with `image_encoder` when given (`modeling_medmoe.ImageEncoder`: e.g. on the folder's ONNX export),
+    else with `model(pixel_values=...)`."""
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {"image_embeds": [], "text_embeds": [], "expert_index": [], "report_type_labels": []}
@@ -49,11 +53,16 @@ def embed_pairs(model, dataloader, device: torch.device, description: str = "emb
         skipped.update(batch["skipped"])
         if "pixel_values" not in batch:
             continue
-        image = model(pixel_values=batch["pixel_values"].to(device))
+        if image_encoder is not None:
+            image_embeds, expert_index = image_encoder(batch["pixel_values"])
+            image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)
+        else:
+            image = model(pixel_values=batch["pixel_values"].to(device))
+            image_embeds, expert_index = image.image_embeds.float().cpu(), image.expert_index.cpu()
         text = model(**{key: batch[key].to(device) for key in TEXT_INPUTS if key in batch})
-        parts["image_embeds"].append(image.image_embeds.float().cpu())
+        parts["image_embeds"].append(image_embeds)
         parts["text_embeds"].append(text.text_embeds.float().cpu())
-        parts["expert_index"].append(image.expert_index.cpu())
+        parts["expert_index"].append(expert_index)
         parts["report_type_labels"].append(batch["report_type_labels"])
         texts.extend(batch["texts"])
         for key, values in batch["metadata"].items():

@@ -17,12 +17,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoProcessor
 
+from modeling_medmoe.image_encoder import ImageEncoder
 from modeling_medmoe.zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings
 from training import data as data_module
 from training import evaluation
@@ -103,8 +103,9 @@ class Evaluation:
     (benchmarks/open_clip_baseline.py wraps an open_clip model this way, to be scored by the same code).
     """
 
-    def __init__(self, args: argparse.Namespace, model, processor, expert_names: list[str]):
+    def __init__(self, args: argparse.Namespace, model, processor, expert_names: list[str], image_encoder=None):
         self.args = args
+        self.image_encoder = image_encoder
         self.device = torch.device(args.device)
         self.model = model.to(self.device).eval()
         self.processor = processor
@@ -133,7 +134,8 @@ class Evaluation:
         )
 
     def embed(self, which: str, max_rows: int | None) -> EmbeddedSet:
-        return embed_pairs(self.model, self.loader(which, max_rows), self.device, description=f"embedding {which}")
+        return embed_pairs(self.model, self.loader(which, max_rows), self.device, description=f"embedding {which}",
+                           image_encoder=self.image_encoder)  # fmt: skip
 
     def class_labels(self, embedded: EmbeddedSet, class_names: list[str] | None = None, column: str | None = None):
         """`evaluation.class_labels` of `column` (default: the label column)."""
@@ -286,47 +288,21 @@ def markdown_table(metrics: dict[str, float]) -> str:
     return "| metric | value |\n|---|---|\n" + rows
 
 
-class OnnxImageSide(torch.nn.Module):
-    """A MedMoEModel whose image side runs on its folder's ONNX export (`training/export.py`), with the interface
-    the evaluation reads: image embeddings and experts from the export, everything textual from the model."""
-
-    def __init__(self, model, folder: str):
-        super().__init__()
-        from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder
-
-        self.model, self.encoder = model, OnnxImageEncoder(folder)
-
-    def forward(self, pixel_values=None, **text_inputs):
-        if pixel_values is None:
-            return self.model(**text_inputs)
-        embeddings, expert_index = self.encoder(pixel_values)
-        return SimpleNamespace(
-            image_embeds=torch.nn.functional.normalize(embeddings, dim=-1), expert_index=expert_index
-        )
-
-    def get_text_features(self, **text_inputs):
-        return self.model.get_text_features(**text_inputs)
-
-    def clamped_logit_scale(self) -> torch.Tensor:
-        return self.model.clamped_logit_scale()
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.torch_compile:
         model.compile_towers()
-    expert_names = model.config.expert_names
-    if args.backend == "onnx":
-        model = OnnxImageSide(model, args.model)
-    return evaluate_model(args, model, processor, expert_names)
+    image_encoder = ImageEncoder.for_model(model, args.model, "onnx") if args.backend == "onnx" else None
+    return evaluate_model(args, model, processor, model.config.expert_names, image_encoder)
 
 
-def evaluate_model(args: argparse.Namespace, model, processor, expert_names: list[str]) -> dict:
-    """Run args.tasks on `model` (see `Evaluation`), write OUT/results.json, results.md and pictures."""
+def evaluate_model(args: argparse.Namespace, model, processor, expert_names: list[str], image_encoder=None) -> dict:
+    """Run args.tasks on `model` (see `Evaluation`; its images through `image_encoder` when given), write
+    OUT/results.json, results.md and pictures."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    evaluation_run = Evaluation(args, model, processor, expert_names)
+    evaluation_run = Evaluation(args, model, processor, expert_names, image_encoder)
     templates = list(DEFAULT_PROMPT_TEMPLATES)
     if args.templates:
         templates = [line.strip() for line in args.templates.read_text().splitlines() if "{}" in line]
