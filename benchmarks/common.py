@@ -1,18 +1,15 @@
-"""Shared pieces of the benchmarks: median timing after warm-up, activation-memory accounting, output."""
+"""Shared pieces of the benchmarks: median timing after warm-up, a seeded model folder built offline, the printed
+table and the closing JSON line."""
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -27,26 +24,20 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
     return statistics.median(durations)
 
 
-def saved_activation_bytes(run: Callable[[], torch.Tensor]) -> int:
-    """Peak bytes of tensors autograd keeps for the backward pass while `run()` builds its graph, then backward.
+def seeded_model_folder(folder: Path, preset: str = "nano") -> Path:
+    """A randomly initialised (seed 0) MedMoE folder of `preset` with a small WordPiece tokenizer, built offline."""
+    from medmoe.training.tokenizer import train_wordpiece_tokenizer
+    from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
 
-    On CPU there is no allocator statistic; the tensors saved for backward are what grows with batch and grid, so
-    their total is the activation memory a training step needs (parameters and inputs excluded).
-    """
-    alive: dict[int, int] = {}
-    peak = 0
-
-    def pack(tensor: torch.Tensor):
-        nonlocal peak
-        key = id(tensor) if tensor.untyped_storage() is None else tensor.untyped_storage().data_ptr()
-        alive[key] = tensor.untyped_storage().nbytes()
-        peak = max(peak, sum(alive.values()))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = run()
-    loss.backward()
-    return peak
+    tokenizer = train_wordpiece_tokenizer(["Axial CT of the chest.", "MRI of the brain.", "Chest X-ray."], 300)
+    config = MedMoEConfig.from_preset(preset)
+    config.text_config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    MedMoEModel(config).save_pretrained(folder)
+    side = config.vision_config.image_size
+    image_processor = MedMoEImageProcessor(size={"height": side, "width": side})
+    MedMoEProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
 
 
 def print_table(title: str, rows: list[tuple]) -> None:

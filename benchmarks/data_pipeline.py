@@ -1,6 +1,6 @@
 """Data pipeline: decode + transform images/s with 0, 1 and 2 DataLoader workers vs the model's training throughput.
 
-    python benchmarks/data_pipeline.py [--quick]
+    python -m benchmarks.data_pipeline [--quick]
 
 The rows are PNG phantoms in a parquet file (decoded, checked, resized, normalised and tokenised exactly as in
 training). Training throughput is forward + backward of the same batches. Last line: JSON with
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,15 +20,12 @@ import datasets
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
-from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor  # noqa: E402
-from training import data as data_module  # noqa: E402
-from training.embedding import model_inputs  # noqa: E402
-from training.synthetic import make_phantom  # noqa: E402
-from training.tokenizer import train_wordpiece_tokenizer  # noqa: E402
+from benchmarks.common import median_seconds, print_json, print_table
+from medmoe.training import data as data_module
+from medmoe.training.evaluation_embeddings import model_inputs
+from medmoe.training.synthetic import make_phantom
+from medmoe.training.tokenizer import train_wordpiece_tokenizer
+from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
 
 
 def write_parquet(folder: Path, rows: int, image_size: int, shards: int = 4) -> list[dict]:

@@ -1,6 +1,6 @@
 """How much of a real DICOM archive the image processor reads: pydicom's bundled test files that hold pixel data.
 
-    python benchmarks/dicom_decoding.py            # the share decoded, and each file that was not, with the reason
+    python -m benchmarks.dicom_decoding            # the share decoded, and each file that was not, with the reason
 
 pydicom's wheel bundles real DICOM files in many transfer syntaxes (uncompressed little and big endian, deflated,
 JPEG baseline / extended / lossless, JPEG-LS, JPEG 2000, RLE), with and without the 128-byte preamble. Each file
@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import print_json  # noqa: E402
-from modeling_medmoe import MedMoEImageProcessor  # noqa: E402
+from benchmarks.common import print_json
+from modeling_medmoe import MedMoEImageProcessor
 
 DECODERS = ("pylibjpeg", "libjpeg", "openjpeg", "rle", "gdcm")
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # pixel data, float and double float pixel data

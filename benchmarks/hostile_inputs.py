@@ -1,6 +1,6 @@
 """Requests above the endpoint's limits, and what refusing them costs: seconds and peak memory per request.
 
-    python benchmarks/hostile_inputs.py --model outputs/medmoe-nano      # a folder the main job wrote
+    python -m benchmarks.hostile_inputs --model outputs/medmoe-nano      # a folder the main job wrote
 
 Each probe is a request a hostile or unlucky client could send (a 66-byte PNG declaring 30000x30000 pixels, a
 deflated DICOM declaring 10000x10000, 2,000 frames, a deflate bomb, a format-spec template, 10,000 labels, ...). Each
@@ -28,9 +28,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 SECONDS_BOUND, MEGABYTES_BOUND = 1.0, 200.0
 
@@ -127,26 +124,6 @@ def run_probe(model: Path, name: str) -> dict:
     }
 
 
-def nano_model_folder(folder: Path) -> Path:
-    """A seeded nano model folder with the endpoint handler, built offline."""
-    import torch
-
-    from model_card.generate import HANDLER
-    from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
-    from training.tokenizer import train_wordpiece_tokenizer
-
-    tokenizer = train_wordpiece_tokenizer(["Axial CT of the chest.", "MRI of the brain.", "Chest X-ray."], 300)
-    config = MedMoEConfig.from_preset("nano")
-    config.text_config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    MedMoEModel(config).save_pretrained(folder)
-    side = config.vision_config.image_size
-    image_processor = MedMoEImageProcessor(size={"height": side, "width": side})
-    MedMoEProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    shutil.copyfile(HANDLER, folder / "handler.py")
-    return folder
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a MedMoE model folder (default: a seeded nano one)")
@@ -155,23 +132,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import print_json, print_table
+    from benchmarks.common import print_json, print_table, seeded_model_folder
 
     args = parse_args(argv)
     if args.probe:
         print(json.dumps(run_probe(args.model, args.probe)))
         return {}
     with tempfile.TemporaryDirectory() as scratch:
-        model = args.model if args.model and args.model.is_dir() else nano_model_folder(Path(scratch) / "nano")
+        model = args.model if args.model and args.model.is_dir() else seeded_model_folder(Path(scratch) / "nano")
         if not (model / "handler.py").is_file():
-            from model_card.generate import HANDLER
+            from medmoe.model_card.generate import HANDLER
 
             model = Path(shutil.copytree(model, Path(scratch) / "with_handler"))
             shutil.copyfile(HANDLER, model / "handler.py")
         rows, results = [("probe", "seconds", "RSS peak growth MB", "allocated peak MB", "answer")], {}
         for name in probe_requests():
             completed = subprocess.run(
-                [sys.executable, __file__, "--model", str(model), "--probe", name],
+                [sys.executable, "-m", "benchmarks.hostile_inputs", "--model", str(model), "--probe", name],
+                cwd=Path(__file__).resolve().parents[1],
                 capture_output=True,
                 text=True,
                 check=True,

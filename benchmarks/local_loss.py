@@ -1,6 +1,6 @@
 """Local (GLoRIA) loss: our vectorised, chunked loss vs the authors' per-caption loop.
 
-    python benchmarks/local_loss.py [--quick]
+    python -m benchmarks.local_loss [--quick]
 
 Speed at B=32, 25 words, D=256 on 14x14 and 28x28 region grids (forward + backward, median after warm-up), the
 path our loss took there (context norms from the regions' Gram matrix or from the context vectors), the largest
@@ -20,12 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
-from modeling_medmoe import MedMoEConfig  # noqa: E402
-from modeling_medmoe.losses import local_contrastive_loss, uses_region_gram  # noqa: E402
+from benchmarks.common import median_seconds, print_json, print_table
+from modeling_medmoe import MedMoEConfig
+from modeling_medmoe.losses import local_contrastive_loss, uses_region_gram
 
 TEMPERATURES = (  # GLoRIA's temp1, temp2, temp3, as MedMoEConfig holds them
     MedMoEConfig.local_temperature_attention,
@@ -82,7 +79,7 @@ def peak_rss_megabytes(chunk_size: int, batch: int, grid: int) -> float:
     """One forward + backward in a fresh process: its peak RSS (VmHWM, reset after the inputs are made) minus the
     RSS before the loss, in MB."""
     code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1])\n"
+        "import torch\n"
         "from benchmarks.local_loss import TEMPERATURES, inputs\n"
         "from modeling_medmoe.losses import local_contrastive_loss\n"
         "def status(key):\n"
@@ -92,8 +89,8 @@ def peak_rss_megabytes(chunk_size: int, batch: int, grid: int) -> float:
         f"local_contrastive_loss(w, m, r, *TEMPERATURES, chunk_size={chunk_size}).backward()\n"
         "print((status('VmHWM:') - before) / 1024)\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
-    completed = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True)
+    root = Path(__file__).resolve().parents[1]  # `benchmarks` importable, as under python -m
+    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     return float(completed.stdout.strip().splitlines()[-1])
 
 

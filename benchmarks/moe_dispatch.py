@@ -1,6 +1,6 @@
 """MoE dispatch: sparse (each sample runs its own expert) vs dense (all K experts run, one kept, as the authors do).
 
-    python benchmarks/moe_dispatch.py [--quick] [--preset swin-tiny] [--batch_size 4]
+    python -m benchmarks.moe_dispatch [--quick] [--preset swin-tiny] [--batch_size 4]
 
 1. The image side of a training step: backbone + MoE head forward and backward, with the global and local losses
    against precomputed text embeddings, sparse vs dense; and the full step with the text tower too.
@@ -13,18 +13,13 @@ with moe_sparse_vs_dense_train_speedup and moe_routing_overhead.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
-from modeling_medmoe import MedMoEConfig, MedMoEModel  # noqa: E402
-from modeling_medmoe.losses import global_contrastive_loss, local_contrastive_loss  # noqa: E402
+from benchmarks.common import median_seconds, print_json, print_table
+from modeling_medmoe import MedMoEConfig, MedMoEModel
+from modeling_medmoe.losses import global_contrastive_loss, local_contrastive_loss
 
 
 def build(preset: str, dispatch: str, num_experts: int | None = None) -> MedMoEModel:

@@ -1,8 +1,8 @@
 """CPU inference of the image side: PyTorch eager vs torch.compile vs ONNX Runtime fp32 vs int8, in one run.
 
-    python benchmarks/onnx_inference.py                          # nano, small, swin-tiny at batch 1 and 32
-    python benchmarks/onnx_inference.py --quick                  # nano and small, fewer repeats
-    python benchmarks/onnx_inference.py --presets small --model outputs/medmoe-realmed \\
+    python -m benchmarks.onnx_inference                          # nano, small, swin-tiny at batch 1 and 32
+    python -m benchmarks.onnx_inference --quick                  # nano and small, fewer repeats
+    python -m benchmarks.onnx_inference --presets small --model outputs/medmoe-realmed \\
         --eval_data ../shared/datasets/realmed                    # + zero-shot accuracy and R@10 per backend
 
 Images/s of `get_image_features` (eager, compiled backbone) and of the folder's ONNX export
@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import median_seconds, print_json, print_table  # noqa: E402
-from modeling_medmoe import MedMoEConfig, MedMoEModel  # noqa: E402
-from modeling_medmoe.onnx_export import export_image_side  # noqa: E402
-from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder  # noqa: E402
+from benchmarks.common import median_seconds, print_json, print_table
+from modeling_medmoe import MedMoEConfig, MedMoEModel
+from modeling_medmoe.onnx_export import export_image_side
+from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder
 
 BACKENDS = ("eager", "compile", "onnx_fp32", "onnx_int8")
 
@@ -101,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def evaluate_backends(model_folder: Path, eval_data: Path, scratch: Path) -> dict:
     """Zero-shot accuracy and strict R@10 on the eval split with PyTorch, ONNX fp32 and ONNX int8."""
-    from training import run_evaluation
+    from medmoe.training import run_evaluation
 
     copy = scratch / "evaluated"
     shutil.copytree(model_folder, copy, ignore=shutil.ignore_patterns("checkpoints", "onnx"))

@@ -2,7 +2,7 @@
 
 Run by benchmarks/realmed.py inside the separate open_clip virtual environment it creates; by hand:
 
-    .venv-open_clip/bin/python benchmarks/open_clip_baseline.py --dataset_name ../shared/datasets/realmed \
+    .venv-open_clip/bin/python -m benchmarks.open_clip_baseline --dataset_name ../shared/datasets/realmed \
         --tokenizer outputs/benchmark-realmed/medmoe/tokenizer --max_steps 300 --max_train_minutes 20 \
         --output_dir outputs/benchmark-realmed/open_clip
 
@@ -21,27 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, HfArgumentParser, get_scheduler
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
-
-import open_clip  # noqa: E402
-from open_clip.loss import ClipLoss  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import AutoTokenizer, get_scheduler  # noqa: E402
-
-from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor  # noqa: E402
-from training import data as data_module  # noqa: E402
-from training import run_evaluation as evaluation_module  # noqa: E402
-from training.accelerator import accelerator_for_this_machine  # noqa: E402
-from training.checkpoints import TrainingProgress  # noqa: E402
-from training.embedding import model_inputs  # noqa: E402
-from training.loop import LoopSchedule, build_optimizer, run_training  # noqa: E402
+from medmoe.training import data as data_module
+from medmoe.training import run_evaluation as evaluation_module
+from medmoe.training.accelerator import accelerator_for_this_machine
+from medmoe.training.checkpoints import TrainingProgress
+from medmoe.training.data import DataArguments
+from medmoe.training.evaluation_embeddings import model_inputs
+from medmoe.training.loop import LoopSchedule, build_optimizer, run_training
+from modeling_medmoe import MedMoEImageProcessor, MedMoEProcessor
 
 EVAL_TASKS = "zero_shot,retrieval,linear_probe"
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -52,10 +49,10 @@ ANCHOR_PROMPTS = [  # zero-shot also with the peer anchor's neutral prompts (OUT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(DataArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(max_length=48)
     parser.add_argument("--tokenizer", required=True, type=Path, help="the MedMoE run's tokenizer folder")
     parser.add_argument("--output_dir", required=True, type=Path)
-    data_module.add_data_arguments(parser)
     model = parser.add_argument_group("model (defaults: about the parameter count of MedMoE's small preset)")
     model.add_argument("--image_size", type=int, default=128)
     model.add_argument("--patch_size", type=int, default=16)
@@ -68,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_steps", type=int, default=400)
     train.add_argument("--max_train_minutes", type=float, help="also stop after this much training time")
     train.add_argument("--per_device_train_batch_size", type=int, default=32)
-    train.add_argument("--max_length", type=int, default=48)
+    train.add_argument("--sentence_sampling", type=float, default=0.0, help="share of reports cut to one sentence")
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--weight_decay", type=float, default=0.05)
     train.add_argument("--warmup_steps", type=int, default=25)
@@ -126,7 +123,7 @@ def fixed_length(input_ids: torch.Tensor, length: int, pad_id: int) -> torch.Ten
 
 
 class OpenClipForEvaluation(torch.nn.Module):
-    """An open_clip model behind the interface training/run_evaluation.py scores (see `Evaluation`); one 'expert'."""
+    """An open_clip model behind the interface training/run_evaluation.py scores (see `EvaluationRun`); one 'expert'."""
 
     def __init__(self, model: open_clip.CLIP, context_length: int, pad_id: int):
         super().__init__()
@@ -151,7 +148,7 @@ class OpenClipForEvaluation(torch.nn.Module):
 
 
 def train(args, model, processor, tokenizer) -> dict:
-    options = data_module.DataOptions.from_args(args)
+    options = DataArguments.from_args(args)
     stream, image_column, text_column = data_module.open_stream(options, "train")
     loader = data_module.build_loader(
         stream,

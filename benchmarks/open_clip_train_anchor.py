@@ -4,7 +4,7 @@
 Run by benchmarks/realmed.py (system `open_clip_train`) inside .venv-open_clip (open_clip_torch, webdataset,
 braceexpand); by hand:
 
-    .venv-open_clip/bin/python benchmarks/open_clip_train_anchor.py --data ../shared/datasets/realmed \
+    .venv-open_clip/bin/python -m benchmarks.open_clip_train_anchor --data ../shared/datasets/realmed \
         --minutes 20 --output_dir outputs/benchmark-realmed/open_clip_train/run
 
 Steps: (1) the train split written as image files (the original bytes) and a CSV (filepath,title); (2) the model
@@ -25,21 +25,17 @@ import csv
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import open_clip
+import open_clip_train.main as open_clip_cli
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not benchmarks/
-
-import open_clip  # noqa: E402
-import open_clip_train.main as open_clip_cli  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from benchmarks.open_clip_baseline import OpenClipForEvaluation, score_on_splits  # noqa: E402
+from benchmarks.open_clip_baseline import OpenClipForEvaluation, score_on_splits
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODEL_NAME = "MedCLIP-Tiny-128"

@@ -1,7 +1,7 @@
 """Indexing a real PACS: instances/s from a folder and from Orthanc over DICOMweb, and a run killed halfway.
 
-    python benchmarks/pacs_indexing.py                 # 1,000 instances (needs orthanc and orthanc-dicomweb)
-    python benchmarks/pacs_indexing.py --instances 200
+    python -m benchmarks.pacs_indexing                 # 1,000 instances (needs orthanc and orthanc-dicomweb)
+    python -m benchmarks.pacs_indexing --instances 200
 
 Starts Orthanc with its DICOMweb plugin on a free localhost port with a temporary storage folder, loads it through
 its REST API with INSTANCES copies of pydicom's CT_small.dcm (5 studies, 2 series each, CT and MR, new UIDs), and
@@ -24,9 +24,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 STUDIES, SERIES_PER_STUDY = 5, 2
@@ -136,14 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
-    from benchmarks.common import print_json
-    from benchmarks.hostile_inputs import nano_model_folder
+    from benchmarks.common import print_json, seeded_model_folder
     from medmoe_archive.search import ArchiveSearch
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        model = args.model or nano_model_folder(work / "nano")
+        model = args.model or seeded_model_folder(work / "nano")
         paths = write_instances(work / "files", args.instances)
         root, server = start_orthanc(work)
         try:

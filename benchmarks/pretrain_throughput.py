@@ -1,7 +1,7 @@
 """End-to-end pretraining throughput of the nano preset on this machine: training/pretrain.py itself, with and
 without the local loss and gradient checkpointing, and with --torch_compile.
 
-    python benchmarks/pretrain_throughput.py [--quick]
+    python -m benchmarks.pretrain_throughput [--quick]
 
 Each variant runs in its own process; images/s is the median of the logged windows after the first, peak memory
 is that process's peak RSS (the compiled variant's first window, which compiles, is left out like every first
@@ -19,10 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import print_json, print_table  # noqa: E402
+from benchmarks.common import print_json, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

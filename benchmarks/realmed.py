@@ -7,8 +7,8 @@ on realmed's eval split (--score_on validation,eval: the same trained models sco
 the number of steps a calibration sized (images/s x budget, recorded in OUT/SYSTEM/scheduled_steps.txt; later seeds
 of a system reuse its first seed's), not until a clock runs out (--clock_stop for that).
 
-    python benchmarks/realmed.py --data ../shared/datasets/realmed --minutes 12      # screens, on validation
-    python benchmarks/realmed.py --systems medmoe,open_clip_train --seeds 42,43,44 --minutes 12 \
+    python -m benchmarks.realmed --data ../shared/datasets/realmed --minutes 12      # screens, on validation
+    python -m benchmarks.realmed --systems medmoe,open_clip_train --seeds 42,43,44 --minutes 12 \
         --score_on eval --output_dir outputs/benchmark-realmed-final   # the final table (2026-12-02, ~90 min)
 
 Every MedMoE system and the equal-size open_clip train on the realmed train split (same rows, tokens, 128-px images,
@@ -56,12 +56,10 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet as parquet
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path[0] = str(REPO)
+from benchmarks.common import print_json
+from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES
 
-from benchmarks.common import print_json  # noqa: E402
-from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MEDMOE_SYSTEMS = {  # every MedMoE system reads report types from the report text, as the paper does
     "medmoe": [],
@@ -410,7 +408,8 @@ def run_open_clip_train(args, name: str = "open_clip_train") -> None:
     log = folder / ("score.log" if rescoring else "train.log")
     print(f"[{name}] {work} ... (log: {log})")
     command = [
-        str(python), "benchmarks/open_clip_train_anchor.py", "--data", str(args.data), "--minutes", str(args.minutes),
+        str(python), "-m", "benchmarks.open_clip_train_anchor", "--data", str(args.data),
+        "--minutes", str(args.minutes),
         "--num_workers", str(args.num_workers), "--output_dir", str(folder / RUN_DIR), *seed_arguments,
         "--score_splits", ",".join(args.score_on),
         *([] if args.clock_stop else ["--no_clock_stop", *anchor_epochs(args)]),
@@ -438,8 +437,9 @@ def open_clip_python(args) -> Path:
         site_packages = subprocess.check_output(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
         ).strip()
-        parent = [path for path in sys.path if path.endswith("site-packages")]
-        Path(site_packages, "medmoe_parent_environment.pth").write_text("\n".join(parent) + "\n")
+        parent = [path for path in sys.path if path.endswith("site-packages")]  # with this project's install
+        lines = [f"import site; site.addsitedir({path!r})" for path in parent]  # .pth files there count too
+        Path(site_packages, "medmoe_parent_environment.pth").write_text("\n".join(lines) + "\n")
     command = [str(python), "-m", "pip", "install", "--quiet", "open_clip_torch"]
     check = [str(python), "-c", "import open_clip"]
     if subprocess.run(check, capture_output=True).returncode != 0:
@@ -455,7 +455,7 @@ def run_open_clip(args, tokenizer: Path) -> None:
         return
     python = open_clip_python(args)
     common = [
-        str(python), "benchmarks/open_clip_baseline.py", "--dataset_name", str(args.data),
+        str(python), "-m", "benchmarks.open_clip_baseline", "--dataset_name", str(args.data),
         "--tokenizer", str(tokenizer), "--per_device_train_batch_size", str(args.batch_size),
         "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
         "--sentence_sampling", str(args.sentence_sampling), "--num_workers", str(args.num_workers),

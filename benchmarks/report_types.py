@@ -1,7 +1,7 @@
 """How often the report-type labeller is right, measured against a dataset's own modality column.
 
-    python benchmarks/report_types.py --data ../shared/datasets/realmed
-    python benchmarks/report_types.py --data outputs/benchmark-realmed-final/data   # + the carved validation split
+    python -m benchmarks.report_types --data ../shared/datasets/realmed
+    python -m benchmarks.report_types --data outputs/benchmark-realmed-final/data   # + the carved validation split
 
 For each split: coverage (share of reports the labeller gives a type) and precision (share of labelled reports
 whose type is the modality column's), the confusions, and the same without the `dermoscopy` rule (no default
@@ -12,15 +12,11 @@ modality columns are read. When --data does not hold the parquet splits, it says
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.common import print_json, print_table  # noqa: E402
-from modeling_medmoe.report_types import detect_modality  # noqa: E402
+from benchmarks.common import print_json, print_table
+from medmoe.training.report_types import detect_modality
 
 SPLITS = ("train", "validation", "eval")  # validation: the split benchmarks/realmed.py carves from train
 

@@ -30,10 +30,11 @@ import json
 import logging
 import os
 import stat
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 KEY_VARIABLE = "MEDMOE_DEIDENTIFY_KEY"
 MINIMUM_KEY_BYTES = 16
@@ -73,11 +74,12 @@ def private_files(folder: Path | None = None) -> Iterator[None]:
 
 
 def warn_if_readable_by_others(path: Path, what: str) -> None:
-    """A warning on stderr when a secret's file can be read by group or others."""
+    """A warning when a secret's file can be read by group or others."""
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        print(f"warning: {what} {path} is readable by group or others (mode {mode:04o}); chmod 600 it.",
-              file=sys.stderr)  # fmt: skip
+        logger.warning(
+            f"{what[0].upper()}{what[1:]} {path} is readable by group or others (mode {mode:04o}); chmod 600 it."
+        )
 
 
 def strip_credentials(url: str) -> str:
@@ -206,18 +208,18 @@ class DeidentifiedOutput(IdentifiedOutput):
             from pydicom import config
         except ImportError:
             config = None
-        logger = logging.getLogger("pydicom")
+        pydicom_logger = logging.getLogger("pydicom")
         previous_mode = config.settings.reading_validation_mode if config else None
-        previous_disabled = logger.disabled
+        previous_disabled = pydicom_logger.disabled
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-            logger.disabled = True
+            pydicom_logger.disabled = True
             if config:
                 config.settings.reading_validation_mode = config.IGNORE
             try:
                 yield
             finally:
-                logger.disabled = previous_disabled
+                pydicom_logger.disabled = previous_disabled
                 if config:
                     config.settings.reading_validation_mode = previous_mode
 

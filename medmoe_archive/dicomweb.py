@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +33,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
+from medmoe_archive.deidentify import strip_credentials, warn_if_readable_by_others
 from medmoe_archive.rows import DICOM_FIELDS, ArchiveRow
+
+logger = logging.getLogger(__name__)
 
 USERNAME_VARIABLE = "MEDMOE_PACS_USERNAME"
 PASSWORD_VARIABLE = "MEDMOE_PACS_PASSWORD"
@@ -120,20 +123,19 @@ class PacsSettings:
                 "the PACS's https address, or add --allow_insecure_http on a network you trust."
             )
         if scheme == "http" and self.authorization:
-            print(f"warning: credentials are sent in clear to {self.url} (plain http).", file=sys.stderr)
+            logger.warning(f"Credentials are sent in clear to {self.url} (plain http).")
 
 
 def credentials_from_url(url: str) -> tuple[str, str | None]:
     """(the URL without user:password@, the basic Authorization header they make or None). Credentials in a URL
     work but are visible in the process list and the shell's history: a warning says so; they are never stored."""
-    from medmoe_archive.deidentify import strip_credentials
-
     parts = urlsplit(url)
     if parts.username is None:
         return url, None
-    print("warning: the --dicomweb URL holds credentials, visible in the process list and shell history; pass them "
-          f"with --pacs_credentials_file or {USERNAME_VARIABLE}/{PASSWORD_VARIABLE} instead (never stored).",
-          file=sys.stderr)  # fmt: skip
+    logger.warning(
+        "The --dicomweb URL holds credentials, visible in the process list and shell history; pass them with "
+        f"--pacs_credentials_file or {USERNAME_VARIABLE}/{PASSWORD_VARIABLE} instead (never stored)."
+    )
     return strip_credentials(url), basic_authorization(unquote(parts.username), unquote(parts.password or ""))
 
 
@@ -147,8 +149,6 @@ def authorization_header(url_authorization: str | None, credentials_file: Path |
     """The Authorization header: from the URL's user:password, else from `credentials_file` (JSON: {"username",
     "password"} for basic, {"token"} for a bearer token; warned about when others can read it), else from the
     MEDMOE_PACS_TOKEN or MEDMOE_PACS_USERNAME / MEDMOE_PACS_PASSWORD variables; None for an open PACS."""
-    from medmoe_archive.deidentify import warn_if_readable_by_others
-
     if credentials_file is not None:
         if url_authorization is not None:
             raise ValueError("PACS credentials given twice (in the --dicomweb URL and --pacs_credentials_file).")

@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoModel, AutoProcessor
 
+from medmoe.training.synthetic import SYNTHETIC_NOTE
 from modeling_medmoe.zero_shot import DEFAULT_PROMPT_TEMPLATES
 
 TEMPLATE = Path(__file__).with_name("template.md")
@@ -27,10 +28,6 @@ HANDLER = Path(__file__).with_name("handler.py")
 EXAMPLES_DIR = Path(__file__).with_name("examples")
 EXAMPLES = {"xray.png": "X-ray", "ct.png": "CT", "fundus.png": "fundus"}  # file -> what it shows
 TAGS = ["medical", "mixture-of-experts", "clip", "custom_code", "vision-language", "zero-shot-image-classification"]
-SYNTHETIC_NOTE = (
-    "**Demonstration model.** It was pretrained on the built-in `synthetic` stream of procedural phantoms, so it "
-    "shows the pipeline end to end but knows nothing about real medical images."
-)
 
 
 def write_examples(model_dir: Path, repo_id: str) -> list[dict]:
@@ -79,7 +76,8 @@ def read_json(path: str | Path | None) -> dict:
 
 
 def eval_results_for_card(results: dict) -> list[EvalResult]:
-    """`results["eval_results"]` entries (EvalResult fields, as training/evaluation.py writes them) -> EvalResult."""
+    """`results["eval_results"]` entries (EvalResult fields, as training/evaluation_metrics.py writes them) ->
+    EvalResult."""
     return [EvalResult(**entry) for entry in results.get("eval_results", [])]
 
 
@@ -121,7 +119,7 @@ def training_section(train_args: dict) -> str:
 
 
 def evaluation_section(results: dict) -> str:
-    """The figures with what they were measured on, as training/evaluation.py defines them."""
+    """The figures with what they were measured on, as training/evaluation_metrics.py defines them."""
     metrics = results.get("metrics", {})
     if not metrics:
         return "No evaluation results were recorded for this folder."

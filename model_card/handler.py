@@ -27,12 +27,15 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
+
+logger = logging.getLogger(__name__)
 
 MODES = ("zero-shot", "image-embedding", "text-embedding")
 
@@ -54,7 +57,7 @@ class EndpointHandler:
         self.zero_shot_request = model_code(self.model, "zero_shot").zero_shot_request
         self.image_encoder = model_code(self.model, "image_encoder").ImageEncoder.for_model(self.model, path)
         self.backend = self.image_encoder.name
-        print(f"MedMoE endpoint: image side on {self.backend}.")
+        logger.info(f"MedMoE endpoint: image side on {self.backend}.")
 
     def __call__(self, data: dict[str, Any]) -> list[dict] | dict:
         try:

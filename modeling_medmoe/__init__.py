@@ -17,12 +17,11 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_medmoe import PRESETS, MedMoEConfig, MedMoEVisionConfig
+from .configuration_medmoe import PRESETS, UNKNOWN_REPORT_TYPE, MedMoEConfig, MedMoEVisionConfig
 from .image_encoder import ImageEncoder
 from .image_processing_medmoe import MedMoEImageProcessor
 from .modeling_medmoe import MedMoEForImageClassification, MedMoEModel, MedMoEOutput, MedMoEPreTrainedModel
 from .processing_medmoe import MedMoEProcessor
-from .report_types import UNKNOWN_REPORT_TYPE, detect_modality, report_type_index
 from .zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings, zero_shot_probabilities
 
 # With this package installed, the Auto classes know MedMoE's classes, as transformers' own models (a saved folder
@@ -48,8 +47,6 @@ __all__ = [
     "MedMoEPreTrainedModel",
     "MedMoEProcessor",
     "MedMoEVisionConfig",
-    "detect_modality",
-    "report_type_index",
     "zero_shot_class_embeddings",
     "zero_shot_probabilities",
 ]

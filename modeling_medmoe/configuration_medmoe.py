@@ -24,6 +24,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 DEFAULT_EXPERT_NAMES = ("X-ray", "CT", "MRI", "ultrasound", "pathology", "fundus")
+# The report_type_labels value of a report whose type is unknown: the routing losses leave it out (cross-entropy's
+# ignore index).
+UNKNOWN_REPORT_TYPE = -100
 ROUTER_INPUTS = ("image", "text", "text_teacher")
 # The Auto classes a saved MedMoE folder answers to with trust_remote_code=True (the zero-shot pipeline loads
 # AutoModelForZeroShotImageClassification).
@@ -202,7 +205,7 @@ PRESETS: dict[str, dict] = {
         "projection_dim": 64,
         "text_hidden_layers_to_sum": 2,
     },
-    # Sized for a real-data run on 2 CPU cores; its figures on realmed are in BENCHMARKS.md (real data).
+    # Sized for a real-data run of minutes on 2 CPU cores.
     "small": {
         "vision_config": {
             "backbone": "swin_tiny_patch4_window7_224",
@@ -210,7 +213,8 @@ PRESETS: dict[str, dict] = {
             "image_size": 128,
             "expert_dim": 96,
             "local_grid_size": 16,
-            # The router reads every level, not only the coarsest: better on realmed (BENCHMARKS.md, screens).
+            # The router reads every level, not only the coarsest: texture, where CT and MRI differ most, is in the
+            # finer ones.
             "router_levels": "all",
         },
         "text_config": {
@@ -221,14 +225,13 @@ PRESETS: dict[str, dict] = {
             "num_attention_heads": 2,
             "intermediate_size": 384,
             "max_position_embeddings": 128,
-            # No dropout, as in CLIP: its time was a large share of the text tower's (BENCHMARKS.md, profile).
+            # No dropout, as in CLIP: a run of minutes does not overfit, and dropout is costly on a small tower.
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
         },
         "projection_dim": 128,
         "text_hidden_layers_to_sum": 3,
-        # Measured on realmed (BENCHMARKS.md): for a few minutes of CPU the local loss costs 45% of the
-        # throughput and, at equal steps, zero-shot accuracy; the global loss alone trains the best model.
+        # The global loss alone: in a run of minutes on CPU the local loss's cost buys fewer steps than it is worth.
         "local_loss_weight": 0.0,
     },
     "swin-tiny": {

@@ -20,42 +20,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .report_types import UNKNOWN_REPORT_TYPE
+from .configuration_medmoe import UNKNOWN_REPORT_TYPE
+from .distributed import gather_with_grad, global_mean, several_processes
 
 COSINE_EPS = 1e-8
 _softmax_backward = torch.ops.aten._softmax_backward_data
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate `tensor` [n, ...] from every process, keeping the gradient, and give this process's row offset.
-
-    Without an initialised process group (one process) it returns the tensor itself and offset 0. All processes
-    must pass the same shape.
-    """
-    if not is_distributed():
-        return tensor, 0
-    gathered = torch.distributed.nn.functional.all_gather(tensor)
-    return torch.cat(gathered), dist.get_rank() * tensor.shape[0]
-
-
-def global_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The mean of `values[keep]` over ALL processes' rows, scaled so that the average over processes of what each
-    returns is that global mean (gradients averaged by DDP are then the gradients of the global mean).
-
-    values: [n] per-row losses; keep: [n] bool. Returns 0 (with a graph) when no process keeps a row.
-    """
-    kept_sum = values.masked_fill(~keep, 0.0).sum()
-    count = keep.sum().to(values.dtype)
-    scale = 1.0
-    if is_distributed():
-        count = count.detach().clone()
-        dist.all_reduce(count)
-        scale = dist.get_world_size()
-    return kept_sum * scale / count.clamp_min(1.0)
 
 
 def global_contrastive_loss(
@@ -104,7 +73,7 @@ def word_region_attention(
 
 
 # Elements of one block of images' [images, captions, words, regions] scores: small enough to stay in cache while
-# every elementwise step runs over it (whole-batch passes are memory-bound; BENCHMARKS.md, local loss).
+# every elementwise step runs over it (passes over the whole batch are bound by memory bandwidth).
 _BLOCK_ELEMENTS = 1 << 18
 
 
@@ -331,7 +300,7 @@ def local_contrastive_loss(
         word_temperature=word_temperature,
         chunk_size=chunk_size,
     )
-    if not is_distributed():
+    if not several_processes():
         caption_rows = scores(word_embeds, safe_mask, region_embeds)  # [captions, images]
         image_rows, all_has_words, offset = caption_rows.T, has_words, 0
     else:

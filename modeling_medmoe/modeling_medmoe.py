@@ -143,7 +143,7 @@ class TextEncoding(ModelOutput):
         )
 
 
-class Head(nn.Linear):
+class ProjectionLinear(nn.Linear):
     """A linear head of ours (projections, classifier), initialised normal(0, initializer_range) (`_init_weights`)."""
 
 
@@ -169,7 +169,7 @@ class MedMoEVisionModel(nn.Module):
         self.router_levels = vision_config.router_levels
         router_features = sum(levels) if self.router_levels == "all" else levels[-1]
         self.image_router = RouterMLP(router_features, router_hidden_dim, config.num_experts)
-        self.image_projection = Head(vision_config.expert_dim, config.projection_dim)
+        self.image_projection = ProjectionLinear(vision_config.expert_dim, config.projection_dim)
         grid = vision_config.local_grid_size or vision_config.image_size // self.vision_pyramid.reductions[0]
         self.local_grid_size = (grid, grid)
 
@@ -251,7 +251,7 @@ class MedMoEPreTrainedModel(PreTrainedModel):
         """How each of our modules starts, at construction and for every weight a checkpoint lacks (transformers'
         init functions leave loaded weights alone): the timm backbone as timm initialises it
         (`vision.initialise_like_timm`); our heads (projections, classifier) normal(0, initializer_range) with zero
-        biases; the experts' and routers' layers PyTorch's defaults (kaiming-uniform), as every measured run started;
+        biases; the experts' and routers' layers PyTorch's defaults (kaiming-uniform);
         the logit scale its initial value. The text encoder is a transformers model: transformers calls its own
         `_init_weights`. Loading builds the model on the meta device, so timm modules recompute their non-persistent
         buffers (e.g. Swin's relative position index) here."""
@@ -259,7 +259,7 @@ class MedMoEPreTrainedModel(PreTrainedModel):
             module.init_non_persistent_buffers()
         if getattr(module, BACKBONE_LAYER, False):
             initialise_like_timm(module)
-        elif isinstance(module, Head):
+        elif isinstance(module, ProjectionLinear):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d, nn.GroupNorm)):
@@ -284,9 +284,9 @@ class MedMoEModel(MedMoEPreTrainedModel):
         text_hidden = config.text_config.hidden_size
         router_hidden_dim = self.vision_model.image_router[0].out_features
         self.text_router = RouterMLP(text_hidden, router_hidden_dim, config.num_experts)
-        self.region_projection = Head(config.vision_config.expert_dim, config.projection_dim)
-        self.text_projection = Head(text_hidden, config.projection_dim)
-        self.word_projection = Head(text_hidden, config.projection_dim)
+        self.region_projection = ProjectionLinear(config.vision_config.expert_dim, config.projection_dim)
+        self.text_projection = ProjectionLinear(text_hidden, config.projection_dim)
+        self.word_projection = ProjectionLinear(text_hidden, config.projection_dim)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.post_init()
 
@@ -561,7 +561,7 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
     def __init__(self, config: MedMoEConfig):
         super().__init__(config)
         self.vision_model = MedMoEVisionModel(config)
-        self.classifier = Head(config.projection_dim, config.num_labels)
+        self.classifier = ProjectionLinear(config.projection_dim, config.num_labels)
         self.post_init()
 
     @can_return_tuple
@@ -587,7 +587,8 @@ class MedMoEForImageClassification(MedMoEPreTrainedModel):
         )
 
 
-# Folders saved before the image side became `vision_model` (2026-11-30) name its weights without the prefix.
+# Folders saved before the image side became `vision_model` name its weights without the prefix; saves keep those
+# names on disk, so that older code still loads a new folder.
 LEGACY_VISION_PREFIXES = ("vision_pyramid", "experts", "image_router", "image_projection")
 for model_class in ("MedMoEModel", "MedMoEForImageClassification"):
     register_checkpoint_conversion_mapping(

@@ -7,7 +7,7 @@
 # an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
 # specific language governing permissions and limitations under the License.
 """The ONNX export of a MedMoE folder's image side, keeping the sparse routing, beside the reader it feeds
-(`onnx_image_encoder.py` describes the files; `python -m training.export` is its command).
+(`onnx_image_encoder.py` describes the files; `python -m medmoe.training.export` is its command).
 
 `export_image_side(folder)` writes FOLDER/onnx/: the vision pyramid and the router as one graph, each expert with the
 image projection as its own, fp32 or, with `int8`, with their matrix products quantised to int8 (dynamic

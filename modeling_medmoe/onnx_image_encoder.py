@@ -14,8 +14,8 @@ through its chosen expert only, as in PyTorch.
     FOLDER/onnx/expert_K.onnx     level_0..level_3 of the images routed to K -> image_embeds [n, P]
     FOLDER/onnx/export_info.json  precision (fp32 or int8), opset, the check against PyTorch at export time
 
-`python -m training.export --model FOLDER` writes them. onnxruntime is imported only when an encoder is built, so a
-folder with `onnx/` still loads in PyTorch alone.
+`python -m medmoe.training.export --model FOLDER` writes them. onnxruntime is imported only when an encoder is
+built, so a folder with `onnx/` still loads in PyTorch alone.
 """
 
 from __future__ import annotations

@@ -94,4 +94,4 @@ def zero_shot_probabilities(
 ) -> torch.Tensor:
     """softmax over classes of logit_scale * cos(image, class): image_embeds [N, P], class_embeds [C, P] -> [N, C]."""
     cosine = F.normalize(image_embeds.float(), dim=-1) @ class_embeds.float().to(image_embeds.device).T
-    return (logit_scale * cosine).softmax(dim=-1)
+    return (torch.as_tensor(logit_scale, device=cosine.device) * cosine).softmax(dim=-1)

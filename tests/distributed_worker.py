@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: one DDP step of MedMoE on this rank's share of a fixed batch.
 
-Usage: torchrun --nproc_per_node N tests/distributed_worker.py WORK_DIR
+Usage (from the repository root): torchrun --nproc_per_node N --module tests.distributed_worker WORK_DIR
 WORK_DIR holds config.json, weights.safetensors and batch.safetensors; rank 0 writes result.safetensors with the
 global loss (mean over processes) and the DDP-averaged gradients.
 """
@@ -12,9 +12,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modeling_medmoe import MedMoEConfig, MedMoEModel  # noqa: E402
+from modeling_medmoe import MedMoEConfig, MedMoEModel
 
 
 def main(work: Path) -> None:

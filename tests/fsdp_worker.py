@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun: a few FSDP2 (fully_shard) SGD steps of MedMoE on this
-rank's share of fixed global batches (training/sharding.py), then a save of the full weights.
+rank's share of fixed global batches (benchmarks/fsdp2_sharding.py), then a save of the full weights.
 
-Usage: torchrun --nproc_per_node N tests/fsdp_worker.py WORK_DIR
+Usage (from the repository root): torchrun --nproc_per_node N --module tests.fsdp_worker WORK_DIR
 WORK_DIR holds config.json, weights.safetensors and batches.safetensors (STEPS global batches, keys KEY.STEP). Rank 0
 writes losses.safetensors (the global loss of each step, mean over processes) and WORK_DIR/saved, a model folder
 saved from the gathered full state dict.
@@ -15,10 +15,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modeling_medmoe import MedMoEConfig, MedMoEModel  # noqa: E402
-from training.sharding import average_replicated_gradients, shard_with_fsdp2  # noqa: E402
+from benchmarks.fsdp2_sharding import average_replicated_gradients, shard_with_fsdp2
+from modeling_medmoe import MedMoEConfig, MedMoEModel
 
 
 def main(work: Path) -> None:

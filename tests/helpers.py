@@ -1,4 +1,5 @@
-"""Helpers for tests that check a saved folder from a fresh Python process."""
+"""Helpers for tests that run the training scripts as subprocesses or check a saved folder from a fresh Python
+process."""
 
 from __future__ import annotations
 
@@ -7,6 +8,61 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"  # must never appear in an output
+
+
+def run_training_script(script: str, arguments: list[str], launcher=(), check=True, extra_environment=None,
+                        timeout=900) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run training/`script` offline (directly, or under `launcher` such as accelerate launch); a failure raises
+    with the run's output unless check=False."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(extra_environment or {})}
+    command = [*launcher, *([sys.executable] if not launcher else []), str(ROOT / "training" / script), *arguments]
+    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    return completed
+
+
+def kill_once_checkpointed(script: str, arguments: list[str], checkpoint: Path) -> None:
+    """Start training/`script` and kill -9 it as soon as the `checkpoint` folder exists (a run cut off mid-way)."""
+    import signal
+    import time
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "training" / script), *arguments],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while not checkpoint.is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert process.poll() is None, f"{script} ended before writing {checkpoint}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def assert_upload_failed_keeping_the_result_and_hiding_the_token(completed, output_dir: Path, result: str) -> None:
+    """An upload attempt without a network: exit status 1, a message that nothing was lost, OUTPUT_DIR/`result` kept,
+    and FAKE_TOKEN in no output and no file the run wrote."""
+    assert completed.returncode == 1
+    assert "Could not upload" in completed.stderr and "nothing was lost" in completed.stderr
+    assert (output_dir / result).is_file()
+    outputs = completed.stdout + completed.stderr
+    outputs += "".join(path.read_text(errors="ignore") for path in output_dir.rglob("*") if path.is_file())
+    assert FAKE_TOKEN not in outputs
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    """{step: loss} of a run's step log (OUTPUT_DIR/train_log.jsonl)."""
+    lines = (output_dir / "train_log.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
 
 LOAD_AND_RUN = r"""
 import json, sys

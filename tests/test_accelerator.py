@@ -11,9 +11,9 @@ import psutil
 import pytest
 import torch
 
-from training import accelerator as accelerator_module
-from training.accelerator import cpu_threads_per_process, use_idle_cores_on_cpu
-from training.loop import ThroughputMeter
+from medmoe.training import accelerator as accelerator_module
+from medmoe.training.accelerator import cpu_threads_per_process, use_idle_cores_on_cpu
+from medmoe.training.loop import ThroughputMeter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_a_script_started_by_accelerate_launch_trains_with_the_cores(tmp_path):
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from training.accelerator import accelerator_for_this_machine\n"
+        "from medmoe.training.accelerator import accelerator_for_this_machine\n"
         "accelerator_for_this_machine()\n"
         "print('OMP', os.environ['OMP_NUM_THREADS'], 'threads', torch.get_num_threads())\n"
     )

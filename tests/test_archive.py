@@ -17,32 +17,10 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from medmoe_archive import index as index_script  # noqa: E402
 from medmoe_archive import search as search_script  # noqa: E402
 from medmoe_archive.search import ArchiveSearch  # noqa: E402
-from training.synthetic import synthetic_stream  # noqa: E402
 
+from .conftest import ARCHIVE_ROWS as ROWS  # noqa: E402
 from .helpers import killed_after_adds  # noqa: E402
 from .test_data import write_parquet  # noqa: E402
-
-ROWS = 40
-
-
-@pytest.fixture(scope="module")
-def phantoms():
-    return list(synthetic_stream(seed=11, num_shards=1, rows_per_shard=ROWS, image_size=64))
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory, phantoms):
-    """Phantoms as PNG files in nested modality folders, a DICOM without suffix, a compressed DICOM that cannot be
-    decoded here, and a broken PNG."""
-    root = tmp_path_factory.mktemp("archive")
-    for number, row in enumerate(phantoms):
-        folder = root / row["modality"] / ("older" if number % 2 else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        row["image"].save(folder / f"{number:03d}.png")
-    shutil.copyfile(get_testdata_file("CT_small.dcm", download=False), root / "CT" / "series_1")
-    shutil.copyfile(get_testdata_file("JPEG-lossy.dcm", download=False), root / "MRI" / "lossless.dcm")
-    (root / "broken.png").write_bytes(b"not a png")
-    return root
 
 
 def run_index(arguments):
@@ -65,16 +43,16 @@ def test_a_folder_is_indexed_with_unreadable_files_counted(nano_folder, image_fo
 def test_search_equals_the_evaluation_modules_retrieval_and_survives_a_reload(
     nano_folder, phantoms, processor, nano_config, tmp_path
 ):
-    """Text -> image search over the archive ranks images as training/evaluation.py ranks the same rows."""
-    from training import data
-    from training.embedding import embed_pairs
-    from training.evaluation import retrieval_ranks
+    """Text -> image search over the archive ranks images as training/evaluation_metrics.py ranks the same rows."""
+    from medmoe.training import data
+    from medmoe.training.evaluation_embeddings import embed_pairs
+    from medmoe.training.evaluation_metrics import retrieval_ranks
 
     write_parquet(phantoms, tmp_path / "rows.parquet")
     out = tmp_path / "index"
     run_index(["--model", str(nano_folder), "--files", str(tmp_path / "*.parquet"), "--output_dir", str(out)])
     stream, image_column, text_column = data.open_stream(
-        data.DataOptions(eval_files=str(tmp_path / "*.parquet")), "eval"
+        data.DataArguments(eval_files=str(tmp_path / "*.parquet")), "eval"
     )
     prepare = data.RowPreparer(processor, nano_config.expert_names, image_column, text_column)
     batches = data.BatchStream(data.prepare_stream(stream, image_column=image_column), prepare,
@@ -249,8 +227,8 @@ def test_a_killed_run_keeps_its_finished_rows_whatever_the_chunk_size(nano_folde
 def test_medmoe_classify_writes_images_and_series_and_warns_about_a_synthetic_model(nano_folder, tmp_path, capsys):
     import csv
 
+    from medmoe.training.synthetic import SYNTHETIC_NOTE
     from medmoe_archive import classify
-    from model_card.generate import SYNTHETIC_NOTE
 
     folder, _ = dicom_series_folder(tmp_path)
     (folder / "broken.png").write_bytes(b"not a png")

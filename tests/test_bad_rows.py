@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from training import data
+from medmoe.training import data
 
 GOOD_TEXT = "Axial CT of the abdomen with a small hypodense lesion."
 

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_benchmark_has_help_and_quick(script):
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+        [sys.executable, "-m", f"benchmarks.{script}", "--help"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
@@ -42,7 +43,7 @@ def test_gpu_check_dry_run_on_cpu_writes_every_figure(tmp_path):
     results = json.loads(output.read_text())
     for part in ("train_sparse", "train_dense", "local_loss", "fsdp2_torchrun"):
         assert "error" not in results[part], results[part]
-    assert results["moe_sparse_vs_dense_train_speedup"] > 0 and results["evaluation_images_per_s"] > 0
+    assert results["moe_sparse_vs_dense_train_speedup"] > 0 and results["archive_embedding"]["images_per_s"] > 0
     assert set(results["local_loss"]) == {"unchunked", "chunked"}
     fsdp = results["fsdp2_torchrun"]
     assert fsdp["processes"] == 1 and len(fsdp["losses"]) == 2 and all(math.isfinite(loss) for loss in fsdp["losses"])
@@ -76,7 +77,7 @@ def tiny_realmed(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.synthetic import make_phantom
+    from medmoe.training.synthetic import make_phantom
 
     folder = tmp_path_factory.mktemp("tiny_realmed")
     (folder / "data").mkdir()
@@ -102,11 +103,14 @@ def tiny_realmed(tmp_path_factory):
 
 
 def test_realmed_benchmark_skips_cleanly_without_the_data(tmp_path):
-    script = str(ROOT / "benchmarks" / "realmed.py")
-    completed = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    script = ["-m", "benchmarks.realmed"]
+    completed = subprocess.run(
+        [sys.executable, *script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode == 0 and "--minutes" in completed.stdout
     completed = subprocess.run(
-        [sys.executable, script, "--data", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "out")],
+        [sys.executable, *script, "--data", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "out")],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
@@ -279,13 +283,14 @@ def test_the_anchor_trains_with_open_clips_own_cli_and_is_scored_by_the_evaluati
     assert (output_dir / "scored_on_train" / "results.json").is_file()
 
 
-def test_archive_index_benchmark_scores_the_approximate_index_against_flat():
+def test_archive_index_benchmark_scores_each_index_against_exact_search():
     pytest.importorskip("faiss")
     from benchmarks.archive_search import index_figures
 
-    figures = index_figures(3000)
-    assert figures["flat"]["query_ms"] > 0 and figures["ivf"]["build_s"] > 0
-    assert 0.5 < figures["ivf_recall_at_10"] <= 1.0  # clustered vectors: IVF finds most of the exact neighbours
+    figures = index_figures(12_000, dimension=32)
+    assert set(figures) == {"flat", "ivf", "ivfpq"}
+    assert figures["flat"]["recall_at_10"] == 1.0 and figures["flat"]["query_ms"] > 0
+    assert 0.5 < figures["ivf"]["recall_at_10"] <= 1.0 and 0.5 < figures["ivfpq"]["recall_at_10"] <= 1.0
 
 
 def test_report_type_benchmark_scores_the_labeller_against_the_modality_column(tiny_realmed, tmp_path, capsys):

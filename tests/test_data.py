@@ -9,8 +9,8 @@ import datasets
 import pytest
 import torch
 
-from training import data
-from training.synthetic import synthetic_stream
+from medmoe.training import data
+from medmoe.training.synthetic import synthetic_stream
 
 ROWS = 12
 
@@ -96,7 +96,7 @@ def prepared_batches(stream, processor, config, batch_size=4, **kwargs):
 @pytest.mark.parametrize("kind", ["parquet", "webdataset", "jsonl", "csv", "imagefolder"])
 def test_each_file_source_streams_every_row(kind, phantoms, processor, nano_config, tmp_path):
     files = write_source(kind, phantoms, tmp_path)
-    stream = data.load_stream(data.DataOptions(dataset_name="unused", train_files=files), "train")
+    stream = data.load_stream(data.DataArguments(dataset_name="unused", train_files=files), "train")
     assert isinstance(stream, datasets.IterableDataset)
     batches = prepared_batches(stream, processor, nano_config)
     texts = [text for batch in batches for text in batch["texts"]]
@@ -112,14 +112,14 @@ def test_local_dataset_folder_with_splits(phantoms, processor, nano_config, tmp_
     (tmp_path / "data").mkdir()
     write_parquet(phantoms[:8], tmp_path / "data" / "train-0000.parquet")
     write_parquet(phantoms[8:], tmp_path / "data" / "validation-0000.parquet")
-    options = data.DataOptions(dataset_name=str(tmp_path))
+    options = data.DataArguments(dataset_name=str(tmp_path))
     train = data.load_stream(options, "train")
     evaluation = data.load_stream(options, "eval")
     assert len(list(train)) == 8 and len(list(evaluation)) == 4
 
 
 def test_synthetic_source_and_report_type_column(processor, nano_config):
-    stream = data.load_stream(data.DataOptions(synthetic_shards=2, synthetic_rows_per_shard=4), "eval")
+    stream = data.load_stream(data.DataArguments(synthetic_shards=2, synthetic_rows_per_shard=4), "eval")
     prepared = data.prepare_stream(stream, image_column="image")
     prepare = data.RowPreparer(
         processor,
@@ -156,7 +156,7 @@ def test_processes_read_disjoint_rows_that_cover_the_stream(phantoms, processor,
     files = write_source("parquet", phantoms, tmp_path)
     texts_per_process = []
     for rank in range(2):
-        stream = data.load_stream(data.DataOptions(train_files=files), "train")
+        stream = data.load_stream(data.DataArguments(train_files=files), "train")
         batches = prepared_batches(
             stream, processor, nano_config, process_index=rank, num_processes=2, shuffle_seed=3, shuffle_buffer=4
         )
@@ -177,7 +177,7 @@ def test_mixed_file_types_in_one_glob_are_refused(tmp_path):
 def test_sentence_sampling_trains_on_single_sentences_and_keeps_the_reports_label(
     phantoms, processor, nano_config, tmp_path
 ):
-    from training.text_augmentation import SentenceSampler, split_sentences
+    from medmoe.training.text_augmentation import SentenceSampler, split_sentences
 
     assert split_sentences("Chest X-ray, PA view.  No effusion; e.g. none. 3.5 cm nodule! Stable?") == [
         "Chest X-ray, PA view.",
@@ -190,7 +190,7 @@ def test_sentence_sampling_trains_on_single_sentences_and_keeps_the_reports_labe
     reports = [{**row, "text": f"{row['text']} Finding {index} is stable. No other change."} for index, row in
                enumerate(phantoms)]  # fmt: skip
     write_parquet(reports, tmp_path / "reports.parquet")
-    stream = data.load_stream(data.DataOptions(train_files=str(tmp_path / "reports.parquet")), "train")
+    stream = data.load_stream(data.DataArguments(train_files=str(tmp_path / "reports.parquet")), "train")
     loader_kwargs = dict(
         image_column="image",
         text_column="caption",

@@ -67,20 +67,21 @@ def test_skip_entries_and_the_source_hold_no_identifier():
     assert strip_credentials("https://pacs/dicom-web") == "https://pacs/dicom-web"
 
 
-def test_the_key_is_checked_and_never_shown(tmp_path, capsys, monkeypatch):
+def test_the_key_is_checked_and_never_shown(tmp_path, caplog, monkeypatch):
     with pytest.raises(ValueError, match="at least 16 bytes"):
         DeidentifiedOutput(b"short")
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY + b"\n")
     os.chmod(key_file, 0o644)
     policy = policy_from(["--deidentify", "--deidentify_key_file", str(key_file)])
-    assert "is readable by group or others (mode 0644); chmod 600 it" in capsys.readouterr().err
+    assert "is readable by group or others (mode 0644); chmod 600 it" in caplog.text
+    caplog.clear()
     fingerprint = DeidentifiedOutput(KEY).key_fingerprint
     assert policy.key_fingerprint == fingerprint != DeidentifiedOutput(KEY[::-1]).key_fingerprint
     assert KEY.decode() not in repr(policy)
     os.chmod(key_file, 0o600)
     policy_from(["--deidentify", "--deidentify_key_file", str(key_file)])
-    assert capsys.readouterr().err == ""
+    assert caplog.text == ""
     monkeypatch.delenv("MEDMOE_DEIDENTIFY_KEY", raising=False)
     with pytest.raises(ValueError, match="needs a secret key"):
         policy_from(["--deidentify"])

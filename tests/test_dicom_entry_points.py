@@ -92,7 +92,7 @@ def test_handler_reads_dicom_bytes_and_base64_with_window_and_frame(handler, cla
 
 
 def test_demo_takes_a_dicom_file_and_a_window(folder):
-    from model_card.app import Demo
+    from medmoe.model_card.app import Demo
 
     scores_by_label, expert, picture = Demo(str(folder)).predict(bundled("CT_small.dcm"), "CT, MRI", "40,400")
     assert (
@@ -105,7 +105,7 @@ def test_demo_takes_a_dicom_file_and_a_window(folder):
 def test_streams_read_dicom_bytes_and_paths_and_skip_undecodable_ones(processor, nano_config, tmp_path):
     import datasets
 
-    from training import data
+    from medmoe.training import data
 
     ct, mr, compressed = (bundled(name) for name in ("CT_small.dcm", "MR_small.dcm", "JPEG-lossy.dcm"))
     images = [  # an image column as datasets stores one: the file's bytes, or its path
@@ -118,7 +118,7 @@ def test_streams_read_dicom_bytes_and_paths_and_skip_undecodable_ones(processor,
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": images, "text": texts}, features=features).to_parquet(tmp_path / "d.parquet")
     stream, image_column, text_column = data.open_stream(
-        data.DataOptions(train_files=str(tmp_path / "*.parquet")), "train"
+        data.DataArguments(train_files=str(tmp_path / "*.parquet")), "train"
     )
     prepare = data.RowPreparer(processor, nano_config.expert_names, image_column, text_column)
     batches = data.BatchStream(data.prepare_stream(stream, image_column=image_column), prepare,
@@ -134,7 +134,7 @@ def test_streams_read_dicom_bytes_and_paths_and_skip_undecodable_ones(processor,
 
 
 def test_an_undecodable_dicom_gives_the_same_error_everywhere(classifier, handler, folder):
-    from model_card.app import Demo
+    from medmoe.model_card.app import Demo
 
     path = bundled("JPEG-lossy.dcm")
     data = open(path, "rb").read()

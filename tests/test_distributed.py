@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def torchrun(worker: str, work: Path, port: int) -> None:
-    """Run tests/WORKER.py on 2 CPU processes (gloo) with WORK as its argument."""
+    """Run the module tests.WORKER on 2 CPU processes (gloo) with WORK as its argument."""
     command = [
         sys.executable,
         "-m",
@@ -24,11 +24,12 @@ def torchrun(worker: str, work: Path, port: int) -> None:
         "2",
         "--master_port",
         str(port),
-        str(ROOT / "tests" / worker),
+        "--module",
+        f"tests.{worker}",
         str(work),
     ]
     completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
 
@@ -46,7 +47,7 @@ def test_two_processes_match_one_process(model, batch, tmp_path):
     out = model(**inputs, return_loss=True)
     out.loss.backward()
 
-    torchrun("distributed_worker.py", tmp_path, 29611)
+    torchrun("distributed_worker", tmp_path, 29611)
     result = load_file(tmp_path / "result.safetensors")
 
     torch.testing.assert_close(result.pop("loss"), out.loss.detach(), atol=1e-5, rtol=1e-5)
@@ -60,7 +61,8 @@ def test_two_processes_match_one_process(model, batch, tmp_path):
 
 
 def test_fsdp2_on_two_processes_matches_one_process_and_saves_full_weights(model, batch, tmp_path):
-    """FSDP2 (training/sharding.py: the BERT layers and Swin blocks, as training/configs/fsdp.yaml), 3 SGD steps: the
+    """FSDP2 (benchmarks/fsdp2_sharding.py: the BERT layers and Swin blocks, as training/configs/fsdp.yaml), 3 SGD
+    steps: the
     same losses as one process on the same global batches, and a saved model folder that reloads to the weights one
     process reached. The ranks route their halves to different experts, so some expert weights get no gradient on
     some ranks. SGD, not Adam, so that weights compare: Adam turns float noise in exactly-zero gradients (Swin's key
@@ -88,7 +90,7 @@ def test_fsdp2_on_two_processes_matches_one_process_and_saves_full_weights(model
         optimizer.zero_grad(set_to_none=True)
         expected_losses.append(out.loss.detach())
 
-    torchrun("fsdp_worker.py", tmp_path, 29612)
+    torchrun("fsdp_worker", tmp_path, 29612)
     torch.testing.assert_close(
         load_file(tmp_path / "losses.safetensors")["losses"], torch.stack(expected_losses), atol=1e-5, rtol=1e-5
     )

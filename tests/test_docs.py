@@ -14,19 +14,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = {  # how a command names a script -> the module whose parse_args reads its flags
-    "training/pretrain.py": "training.pretrain",
-    "training/run_evaluation.py": "training.run_evaluation",
-    "training/finetune.py": "training.finetune",
-    "training/export.py": "training.export",
+    "training/pretrain.py": "medmoe.training.pretrain",
+    "training/run_evaluation.py": "medmoe.training.run_evaluation",
+    "training/finetune.py": "medmoe.training.finetune",
+    "training/export.py": "medmoe.training.export",
     "medmoe-index": "medmoe_archive.index",
     "medmoe-search": "medmoe_archive.search",
     "medmoe-classify": "medmoe_archive.classify",
+    "medmoe-search-page": "medmoe_archive.app",
     **{
-        f"benchmarks/{path.name}": f"benchmarks.{path.stem}"
+        f"benchmarks.{path.stem}": f"benchmarks.{path.stem}"  # python -m benchmarks.NAME
         for path in (ROOT / "benchmarks").glob("*.py")
         if "def parse_args(argv" in path.read_text()
     },
 }
+SCRIPTS.update(
+    {module: module for module in list(SCRIPTS.values()) if module.startswith(("medmoe.", "medmoe_archive."))}
+)  # -m
 
 
 def shell_commands(text: str) -> list[str]:

@@ -7,10 +7,10 @@ import torch
 from huggingface_hub import EvalResult
 from PIL import Image
 
-from training import run_evaluation as evaluate_script
+from medmoe.training import run_evaluation as evaluate_script
 
 TINY = [
-    "--max_samples",
+    "--max_eval_samples",
     "24",
     "--max_train_samples",
     "36",
@@ -18,7 +18,7 @@ TINY = [
     "16",
     "--num_visualizations",
     "2",
-    "--batch_size",
+    "--per_device_eval_batch_size",
     "8",
     "--num_workers",
     "0",
@@ -147,8 +147,8 @@ def test_the_probe_classifies_every_probe_column(model_folder, tmp_path):
 def test_no_image_is_routed_or_embedded_by_its_own_report(nano_config, batch):
     """A config that routes by the report while training: evaluation embeddings of an image are the same whatever
     report it is paired with, and its expert is the image router's."""
+    from medmoe.training.evaluation_embeddings import embed_pairs
     from modeling_medmoe import MedMoEModel
-    from training.embedding import embed_pairs
 
     from .test_modeling import route_to
 
@@ -170,15 +170,15 @@ def test_zero_shot_scores_are_the_model_package_scores(model_folder, tmp_path):
     import numpy as np
     from transformers import AutoModel, AutoProcessor
 
-    from training import data as data_module
-    from training.embedding import embed_pairs
+    from medmoe.training import data as data_module
+    from medmoe.training.evaluation_embeddings import embed_pairs
 
     result = evaluate_script.main(
         ["--model", str(model_folder), "--output_dir", str(tmp_path), "--tasks", "zero_shot", *TINY]
     )
     model = AutoModel.from_pretrained(model_folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
-    stream, image_column, text_column = data_module.open_stream(data_module.DataOptions(), "eval")
+    stream, image_column, text_column = data_module.open_stream(data_module.DataArguments(), "eval")
     stream = data_module.prepare_stream(stream, image_column=image_column, max_rows=24)
     prepare = data_module.RowPreparer(
         processor, model.config.expert_names, image_column, text_column, None, ("modality",)
@@ -199,13 +199,13 @@ def test_evaluation_reads_reports_at_the_length_the_model_was_trained_with(nano_
 
     processor = AutoProcessor.from_pretrained(nano_folder, trust_remote_code=True)
     processor.tokenizer.model_max_length = 12
-    arguments = ["--model", str(nano_folder), "--output_dir", str(tmp_path), "--max_samples", "8"]
+    arguments = ["--model", str(nano_folder), "--output_dir", str(tmp_path), "--max_eval_samples", "8"]
     unused_model = torch.nn.Identity()
-    evaluation = evaluate_script.Evaluation(evaluate_script.parse_args(arguments), unused_model, processor, ["CT"])
+    evaluation = evaluate_script.EvaluationRun(evaluate_script.parse_args(arguments), unused_model, processor, ["CT"])
     assert evaluation.max_length == 12
     batch = next(iter(evaluation.loader("eval", 8)))
     assert batch["input_ids"].shape[1] <= 12
     override = evaluate_script.parse_args([*arguments, "--max_length", "40"])
-    assert evaluate_script.Evaluation(override, unused_model, processor, ["CT"]).max_length == 40
+    assert evaluate_script.EvaluationRun(override, unused_model, processor, ["CT"]).max_length == 40
     processor.tokenizer.model_max_length = int(1e30)  # transformers' "no limit"
     assert evaluate_script.training_length(processor.tokenizer) == 128

@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from medmoe.training import export  # noqa: E402
 from modeling_medmoe import MedMoEModel  # noqa: E402
 from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder, has_onnx_export  # noqa: E402
-from training import export  # noqa: E402
 
 from .test_archive import image_folder, phantoms, run_index  # noqa: E402, F401
 
@@ -101,7 +101,7 @@ def test_the_export_is_refused_clearly(tmp_path, nano_folder):
 
 
 def test_medmoe_index_and_the_evaluation_run_on_the_export(exported, image_folder, tmp_path):  # noqa: F811
-    from training import run_evaluation
+    from medmoe.training import run_evaluation
 
     folder, _ = exported
     on_onnx = run_index(["--model", str(folder), "--images", str(image_folder), "--output_dir", str(tmp_path / "o")])
@@ -109,7 +109,16 @@ def test_medmoe_index_and_the_evaluation_run_on_the_export(exported, image_folde
                           "--backend", "torch"])  # fmt: skip
     assert (on_onnx["backend"], on_torch["backend"]) == ("onnx-fp32", "torch")
     assert on_onnx["rows"] == on_torch["rows"]
-    arguments = ["--model", str(folder), "--tasks", "zero_shot,retrieval", "--max_samples", "32", "--num_workers", "0"]
+    arguments = [
+        "--model",
+        str(folder),
+        "--tasks",
+        "zero_shot,retrieval",
+        "--max_eval_samples",
+        "32",
+        "--num_workers",
+        "0",
+    ]
     figures = {
         backend: run_evaluation.main([*arguments, "--output_dir", str(tmp_path / backend), "--backend", backend])
         for backend in ("torch", "onnx")

@@ -1,22 +1,31 @@
 """MedMoEForImageClassification and training/finetune.py: LoRA share, adapter reload, merge, learning, pipeline."""
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 
+from medmoe.training.arguments import DEFAULT_LORA_TARGETS
+from medmoe.training.finetune import apply_lora, trainable_share
+from medmoe.training.synthetic import MODALITIES, make_phantom
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
-from training.finetune import DEFAULT_LORA_TARGETS, apply_lora, trainable_share
-from training.synthetic import MODALITIES, make_phantom
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import (
+    FAKE_TOKEN,
+    assert_upload_failed_keeping_the_result_and_hiding_the_token,
+    kill_once_checkpointed,
+    logged_losses,
+    run_training_script,
+)
+
 LORA = Namespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target=",".join(DEFAULT_LORA_TARGETS))
 CLASSES = list(MODALITIES)
 
@@ -114,33 +123,94 @@ def test_a_few_lora_steps_lower_the_classification_loss(nano_folder, phantom_bat
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+FINETUNE = [
+    "--task",
+    "classification",
+    "--lora",
+    "--per_device_train_batch_size",
+    "8",
+    "--max_eval_samples",
+    "16",
+    "--class_scan_rows",
+    "200",
+    "--num_workers",
+    "0",
+    "--logging_steps",
+    "1",
+    "--warmup_steps",
+    "1",
+    "--report_to",
+    "none",
+]
+
+
+def finetune(model_folder, output_dir, *arguments, check=True, extra_environment=None):
+    return run_training_script(
+        "finetune.py",
+        ["--model", str(model_folder), "--output_dir", str(output_dir), *FINETUNE, *arguments],
+        check=check,
+        extra_environment=extra_environment,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(nano_folder, tmp_path_factory):
+    """Six LoRA classification steps with checkpoints at steps 3 and 6."""
+    output_dir = tmp_path_factory.mktemp("finetune") / "run"
+    finetune(nano_folder, output_dir, "--max_steps", "6", "--checkpointing_steps", "3")
+    return output_dir
+
+
+def test_finetuning_killed_then_resumed_matches_the_uninterrupted_run(nano_folder, checkpointed_run, tmp_path):
+    """Pretraining's resume test on fine-tuning: kill -9 once the step-3 checkpoint exists, then
+    `--resume_from_checkpoint latest`: steps 4-6 reproduce the uninterrupted run's losses exactly."""
+    output_dir = tmp_path / "killed"
+    arguments = ["--model", str(nano_folder), "--output_dir", str(output_dir), *FINETUNE]
+    arguments += ["--max_steps", "6", "--checkpointing_steps", "3"]
+    kill_once_checkpointed("finetune.py", arguments, output_dir / "checkpoints" / "step_3")
+    completed = run_training_script("finetune.py", [*arguments, "--resume_from_checkpoint", "latest"])
+    assert "Resumed from" in completed.stdout
+    resumed, uninterrupted = logged_losses(output_dir), logged_losses(checkpointed_run)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == uninterrupted[step], step
+    summary = json.loads((output_dir / "eval_results.json").read_text())
+    assert summary["steps"] == 6 and (output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_an_earlier_finetuning_run_is_never_overwritten_silently(nano_folder, checkpointed_run, tmp_path):
+    again = tmp_path / "again"
+    shutil.copytree(checkpointed_run, again)
+    before = (again / "adapter_model.safetensors").read_bytes()
+    completed = finetune(nano_folder, again, "--max_steps", "1", check=False)
+    assert completed.returncode != 0
+    assert "--resume_from_checkpoint latest" in completed.stderr and "--overwrite_output_dir" in completed.stderr
+    assert (again / "adapter_model.safetensors").read_bytes() == before
+    finetune(nano_folder, again, "--max_steps", "1", "--overwrite_output_dir")
+    assert not (again / "checkpoints").exists()
+    assert json.loads((again / "eval_results.json").read_text())["steps"] == 1
+
+
+def test_finetuning_in_bf16_logs_to_its_trackers_and_its_log_file(nano_folder, tmp_path):
+    output_dir = tmp_path / "bf16"
+    completed = finetune(nano_folder, output_dir, "--max_steps", "2", "--mixed_precision", "bf16",
+                         "--report_to", "tensorboard", "--log_level", "warning")  # fmt: skip
+    assert list((output_dir / "medmoe-finetune").rglob("events.out.tfevents.*")), "tensorboard's event file"
+    assert all(math.isfinite(loss) for loss in logged_losses(output_dir).values())
+    assert "trainable" not in completed.stdout, "--log_level warning hides the info lines"
+    assert "INFO" not in (output_dir / "run.log").read_text()
+
+
+def test_finetuning_upload_without_network_keeps_the_adapter_and_never_shows_the_token(nano_folder, tmp_path):
+    output_dir = tmp_path / "upload"
+    completed = finetune(nano_folder, output_dir, "--max_steps", "1", "--push_to_hub", "--hub_model_id",
+                         "someone/medmoe-adapter", check=False, extra_environment={"HF_TOKEN": FAKE_TOKEN})  # fmt: skip
+    assert_upload_failed_keeping_the_result_and_hiding_the_token(completed, output_dir, "adapter_model.safetensors")
+
+
 def test_finetune_script_saves_adapter_and_merged_classifier_for_the_pipeline(nano_folder, tmp_path):
     output_dir = tmp_path / "finetuned"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        str(ROOT / "training" / "finetune.py"),
-        "--model",
-        str(nano_folder),
-        "--task",
-        "classification",
-        "--lora",
-        "--merge",
-        "--max_steps",
-        "4",
-        "--per_device_train_batch_size",
-        "8",
-        "--max_eval_samples",
-        "16",
-        "--class_scan_rows",
-        "200",
-        "--num_workers",
-        "0",
-        "--output_dir",
-        str(output_dir),
-    ]
-    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = finetune(nano_folder, output_dir, "--merge", "--max_steps", "4")
     assert "trainable" in completed.stdout and "%" in completed.stdout
     summary = json.loads((output_dir / "eval_results.json").read_text())
     assert {"accuracy", "auroc"} <= set(summary["metrics"]) and summary["steps"] == 4

@@ -234,11 +234,11 @@ def make_entry(folder, name: str, kind: str, data: bytes) -> None:
 
 class CollectingWriter:
     def __init__(self):
-        self.records, self.rows_read, self.skipped = [], 0, []
+        self.records, self.position, self.skipped = [], 0, []
 
-    def add(self, records, rows_read, skipped):
+    def add(self, records, position, skipped):
         self.records += records
-        self.rows_read += rows_read
+        self.position = position
         self.skipped += skipped
 
 
@@ -254,6 +254,7 @@ def archive_model(nano_folder):
 @FUZZ
 def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries, tmp_path_factory, memory_bound):
     from medmoe_archive import archive
+    from medmoe_archive.decoding import prepare_rows
     from medmoe_archive.index import embed_batch
     from modeling_medmoe.image_encoder import ImageEncoder
 
@@ -264,6 +265,7 @@ def test_the_folder_walk_skips_and_names_every_bad_entry(archive_model, entries,
     rows = list(archive.folder_rows(folder))
     writer = CollectingWriter()
     model, image_processor = archive_model
-    embed_batch(rows, ImageEncoder(model), image_processor, writer, window=None, thumbnail_size=16)
-    assert writer.rows_read == len(rows) == len(writer.records) + len(writer.skipped)
+    prepared = list(prepare_rows(rows, image_processor, thumbnail_size=16))
+    embed_batch(list(enumerate(prepared)), ImageEncoder(model), writer)
+    assert writer.position == len(rows) == len(writer.records) + len(writer.skipped)
     assert all(entry["reason"] and entry["id"] and entry["path"] for entry in writer.skipped)

@@ -14,10 +14,10 @@ import datasets
 import pytest
 
 from benchmarks.hostile_inputs import HOSTILE_TEMPLATES, declared_png, dicom_bytes, png_bytes
+from medmoe.training import data
 from modeling_medmoe import MedMoEImageProcessor
 from modeling_medmoe.limits import InputLimits, InputTooLarge
 from modeling_medmoe.zero_shot import class_prompts, zero_shot_request
-from training import data
 
 from .helpers import endpoint_handler
 
@@ -131,7 +131,7 @@ def test_the_handler_refuses_hostile_templates_before_any_work(handler, template
 
 @pytest.mark.parametrize("name", sorted(OVERSIZED))
 def test_oversized_images_get_an_error_from_every_entry_point(name, handler, classifier, handler_folder):
-    from model_card.app import Demo
+    from medmoe.model_card.app import Demo
 
     payload = base64.b64encode(OVERSIZED[name]).decode()
     assert "above the limit" in handler({"inputs": payload, "parameters": {"candidate_labels": LABELS}})["error"]
@@ -147,7 +147,7 @@ def test_the_pipeline_takes_a_comma_separated_label_string(classifier):
 
 
 def test_the_demo_explains_a_non_image_uploaded_as_dicom(handler_folder, tmp_path):
-    from model_card.app import Demo
+    from medmoe.model_card.app import Demo
 
     upload = tmp_path / "upload.dcm"
     upload.write_bytes(b"this is a text file, not DICOM")
@@ -183,7 +183,7 @@ def stream_of(rows: list[dict]) -> datasets.IterableDataset:
     ],
 )
 def test_a_stream_without_a_usable_batch_ends_with_the_skip_counts(processor, nano_config, rows, reason):
-    from training.checkpoints import TrainingProgress
+    from medmoe.training.checkpoints import TrainingProgress
 
     loader = data.build_loader(
         stream_of(rows),
@@ -242,7 +242,7 @@ def test_medmoe_index_skips_lists_and_survives_bad_entries(nano_folder, tmp_path
 
 
 def test_a_full_disk_at_the_final_save_leaves_the_earlier_model_whole(tmp_path):
-    from training.pretrain import ModelFolderNotSaved, write_into_place
+    from medmoe.training.run import ModelFolderNotSaved, write_into_place
 
     output_dir = tmp_path / "model"
     output_dir.mkdir()
@@ -254,7 +254,7 @@ def test_a_full_disk_at_the_final_save_leaves_the_earlier_model_whole(tmp_path):
         (folder / "modeling_medmoe.py").write_text("# code")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(ModelFolderNotSaved, match=f"Could not write the model folder {output_dir}"):
+    with pytest.raises(ModelFolderNotSaved, match=f"Could not write {output_dir}: "):
         write_into_place(output_dir, write_until_the_disk_is_full, step=6)
     assert sorted(path.name for path in output_dir.iterdir()) == ["examples", "model.safetensors"]
     assert (output_dir / "model.safetensors").read_bytes() == b"earlier weights"

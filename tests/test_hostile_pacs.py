@@ -113,7 +113,7 @@ def test_an_oversized_instance_from_the_pacs_is_skipped_and_counted(pacs, nano_f
 
 
 def test_credentials_from_the_environment_a_file_or_the_url_reach_the_pacs_and_are_never_stored(
-    pacs, nano_folder, tmp_path, monkeypatch, capsys
+    pacs, nano_folder, tmp_path, monkeypatch, caplog
 ):
     monkeypatch.setenv("MEDMOE_PACS_TOKEN", TOKEN)
     assert run_index(nano_folder, pacs.url("auth"), tmp_path / "token")["rows"] == 1
@@ -122,17 +122,17 @@ def test_credentials_from_the_environment_a_file_or_the_url_reach_the_pacs_and_a
     credentials = tmp_path / "pacs.json"
     credentials.write_text(json.dumps({"username": USER, "password": PASSWORD}))
     os.chmod(credentials, 0o644)
-    capsys.readouterr()
+    caplog.clear()
     run_index(nano_folder, pacs.url("auth"), tmp_path / "file", "--pacs_credentials_file", str(credentials))
     assert pacs.requests[-1]["headers"]["Authorization"] == BASIC
-    warned = capsys.readouterr().err
-    assert f"the PACS credentials file {credentials} is readable by group or others (mode 0644)" in warned
+    warned, _ = caplog.text, caplog.clear()
+    assert f"The PACS credentials file {credentials} is readable by group or others (mode 0644)" in warned
     in_url = pacs.url("auth").replace("http://", f"http://{USER}:{PASSWORD}@")
     run_index(nano_folder, in_url, tmp_path / "url")
     request = pacs.requests[-1]["headers"]
     host, port = pacs.server_address
     assert request["Authorization"] == BASIC and request["Host"] == f"{host}:{port}"  # not the user name
-    warned = capsys.readouterr().err
+    warned = caplog.text
     assert "visible in the process list" in warned and PASSWORD not in warned
     for folder in ("token", "file", "url"):
         for path in (tmp_path / folder).rglob("*"):

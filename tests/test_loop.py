@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from training.loop import contrastive_forward, train_step
+from medmoe.training.loop import contrastive_forward, train_step
 
 LABELS = torch.tensor([0, 1, 2, 3, 4, 5, -100, -100])
 
@@ -46,8 +46,8 @@ def test_a_non_finite_pretraining_step_is_skipped_and_training_continues(model, 
 
 @pytest.mark.parametrize("task", ["classification", "contrastive"])
 def test_finetuning_steps_are_guarded_the_same_way(task, nano_config, batch):
+    from medmoe.training.finetune import task_forward
     from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
-    from training.finetune import task_forward
 
     classes = ["CT", "MRI", "X-ray"]
     if task == "classification":
@@ -78,11 +78,12 @@ def test_pretraining_through_the_shared_loop_matches_the_loop_it_replaced(tmp_pa
     summary = json.loads((output_dir / "run_summary.json").read_text())
     reference = json.loads((FIXTURES / "pretrain_nano_reference.json").read_text())
     assert [entry["step"] for entry in logged] == list(range(1, 9))
-    assert [entry["loss"] for entry in logged] == pytest.approx(reference["losses"], abs=1e-5)
+    # rel: another thread count sums in another order (1 thread instead of 2 moves losses ~6e-6 relative)
+    assert [entry["loss"] for entry in logged] == pytest.approx(reference["losses"], rel=1e-5, abs=1e-5)
     figures = [evaluation["metrics"] for evaluation in summary["evaluations"]]
     assert [evaluation["step"] for evaluation in summary["evaluations"]] == [4, 8]
     for measured, recorded in zip(figures, reference["evaluations"], strict=True):
-        assert measured == pytest.approx(recorded, abs=1e-5)
+        assert measured == pytest.approx(recorded, rel=1e-5, abs=1e-5)
     assert summary["images_seen"] == reference["images_seen"]
 
 

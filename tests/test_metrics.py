@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 
-from training.evaluation import expert_usage, retrieval_ranks
-from training.metrics import load_metric
+from medmoe.training.evaluation_metrics import expert_usage, retrieval_ranks
+from medmoe.training.metrics import load_metric
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +68,21 @@ def test_routing_matches_reference(generator):
 def test_expert_usage_is_the_share_of_rows_per_expert():
     usage = expert_usage(torch.tensor([0, 2, 2, 1, 2]), ["X-ray", "CT", "MRI", "fundus"])
     assert usage == pytest.approx({"X-ray": 0.2, "CT": 0.2, "MRI": 0.6, "fundus": 0.0})
+
+
+def test_per_modality_retrieval_scores_each_modalitys_queries_against_the_whole_pool():
+    """Two modalities whose own pairs are perfect for CT and never found for MRI: per-modality R@1 says so, and
+    the pooled figure is their query-weighted mean."""
+    from medmoe.training.evaluation_embeddings import EmbeddedSet
+    from medmoe.training.evaluation_metrics import retrieval_metrics
+
+    images = torch.eye(6)
+    texts = torch.eye(6)[[0, 1, 2, 4, 5, 3]]  # rows 3-5 (MRI) point at each other's reports
+    embedded = EmbeddedSet(images, texts, torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long),
+                           [f"report {row}" for row in range(6)], {"modality": ["CT"] * 3 + ["MRI"] * 3})  # fmt: skip
+    metrics, details = retrieval_metrics(embedded)
+    ct, mri = details["per_modality"]["CT"], details["per_modality"]["MRI"]
+    assert ct["queries"] == mri["queries"] == 3
+    assert ct["image_to_text_R@1"] == ct["text_to_image_R@1"] == 1.0
+    assert mri["image_to_text_R@1"] == mri["text_to_image_R@1"] == 0.0
+    assert metrics["retrieval/image_to_text_R@1"] == pytest.approx(0.5)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from model_card.generate import main as generate_card
+from medmoe.model_card.generate import main as generate_card
 
 from .helpers import endpoint_handler
 
@@ -192,7 +192,7 @@ def test_handler_explains_bad_requests(handler, request_body, message):
 
 
 def test_demo_prediction_gives_scores_expert_and_overlay(card_folder, nano_config):
-    from model_card.app import Demo
+    from medmoe.model_card.app import Demo
 
     image = Image.open(card_folder / "examples" / "fundus.png")
     scores, expert, picture = Demo(str(card_folder)).predict(image, "fundus, CT, X-ray")

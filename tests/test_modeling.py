@@ -251,7 +251,7 @@ def test_an_idle_expert_is_unchanged_by_a_one_process_step(model, batch):
     """In one process an expert that no image of the batch chose gets no gradient, so AdamW (weight decay, momentum)
     leaves it as it is; the zero-valued use that hands idle experts a gradient is for several processes only
     (FSDP2 must reduce the same gradients everywhere; tests/test_distributed.py covers that case)."""
-    from training.loop import build_optimizer
+    from medmoe.training.loop import build_optimizer
 
     optimizer = build_optimizer(model, learning_rate=1e-2, weight_decay=0.5)
     chosen = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])  # experts 2-5 stay idle

@@ -7,8 +7,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from medmoe.training.starting_points import PretrainedWeightsUnavailable, load_pretrained_vision_backbone
 from modeling_medmoe import MedMoEModel
-from training.towers import PretrainedWeightsUnavailable, load_pretrained_vision_backbone
 
 
 def timm_checkpoint(nano_config, path):

@@ -1,8 +1,9 @@
 """Patient data never leaks under --deidentify: identifiers planted in DICOM tags, folder and file names, parquet and
-dataset columns and a PACS (Orthanc behind a password) are indexed, searched and classified with --deidentify in a
-fresh process with its own Hugging Face home; every file under the outputs and that home, read raw and (parquet,
-arrow) decoded, and everything the process printed hold none of them. The same grep finds them in an index built
-without --deidentify, so it is not blind. Files are 0600 and folders 0700."""
+dataset columns and a PACS (Orthanc behind a password) are indexed, searched (on the command line and through the
+search page) and classified with --deidentify in a fresh process with its own Hugging Face home; every file under the
+outputs and that home, read raw and (parquet, arrow) decoded, and everything the process printed hold none of them.
+The same grep finds them in an index built without --deidentify, so it is not blind. Files are 0600 and folders
+0700."""
 
 import io
 import json
@@ -150,6 +151,8 @@ def test_planted_identifiers_reach_no_output_cache_or_log_under_deidentify(
                     "--contact_sheet", str(out / "search" / "hits.png")]],
         ["search", ["--index", str(out / "folder"), "--image", str(archive / PATIENT_FOLDER / "DOE_JANE_ct_0.dcm")]],
         ["search", ["--index", str(out / "pacs"), "--text", "CT", "--group", "series", "--json"]],
+        ["page", [str(out / "folder"), model, str(out / "page"), "axial CT",
+                  str(archive / PATIENT_FOLDER / "DOE_JANE_ct_0.dcm")]],
         ["classify", ["--model", model, "--images", str(archive), "--labels", "CT,MRI",
                       "--out", str(out / "classify" / "labels.csv"), *deidentify]],
         ["classify", ["--model", model, *from_pacs, "--labels", "CT,MRI",

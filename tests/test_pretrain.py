@@ -2,11 +2,8 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -14,9 +11,15 @@ from PIL import Image
 from benchmarks.hostile_inputs import png_bytes
 from modeling_medmoe import MedMoEConfig
 
-from .helpers import load_in_fresh_process
+from .helpers import (
+    FAKE_TOKEN,
+    assert_upload_failed_keeping_the_result_and_hiding_the_token,
+    kill_once_checkpointed,
+    load_in_fresh_process,
+    logged_losses,
+    run_training_script,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "--per_device_train_batch_size",
     "8",
@@ -35,28 +38,10 @@ FAST = [
     "--warmup_steps",
     "1",
 ]
-FAKE_TOKEN = "hf_FakeTokenForTestsOnly0123456789abcdef"
 
 
-def run_script(arguments, launcher=(), check=True, extra_environment=None, timeout=900):
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(extra_environment or {})}
-    command = [
-        *launcher,
-        *([sys.executable] if not launcher else []),
-        str(ROOT / "training" / "pretrain.py"),
-        *arguments,
-    ]
-    completed = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
-    if check and completed.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
-    return completed
-
-
-def losses(output_dir):
-    return {
-        entry["step"]: entry["loss"]
-        for entry in map(json.loads, (output_dir / "train_log.jsonl").read_text().splitlines())
-    }
+def run_script(arguments, **options):
+    return run_training_script("pretrain.py", arguments, **options)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +83,7 @@ def test_short_run_saves_a_complete_model_folder(short_run):
         assert (output_dir / name).is_file(), name  # the run beside the model
     summary = json.loads((output_dir / "run_summary.json").read_text())
     assert summary["steps"] == 6 and summary["images_seen"] == 48
-    assert sorted(losses(output_dir)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(logged_losses(output_dir)) == [1, 2, 3, 4, 5, 6]
     assert "Skipped rows: none; skipped (non-finite) steps: 0" in completed.stdout
 
 
@@ -106,7 +91,7 @@ def test_the_upload_leaves_checkpoints_and_logs_out(short_run):
     """finish() uploads --output_dir with RUN_FILES ignored, as huggingface_hub's upload_folder filters them."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from training.pretrain import RUN_FILES
+    from medmoe.training.pretrain import RUN_FILES
 
     output_dir, _ = short_run
     files = [str(path.relative_to(output_dir)) for path in output_dir.rglob("*") if path.is_file()]
@@ -129,7 +114,7 @@ def test_an_earlier_run_is_never_overwritten_silently(short_run, tmp_path):
     run_script(["--max_steps", "1", "--output_dir", str(again), "--overwrite_output_dir", *FAST])
     assert not (again / "checkpoints").exists(), "the earlier run's checkpoints are gone with it"
     assert json.loads((again / "run_summary.json").read_text())["steps"] == 1
-    assert sorted(losses(again)) == [1]
+    assert sorted(logged_losses(again)) == [1]
 
 
 def test_the_upload_folder_loads_in_a_fresh_offline_process(short_run, tmp_path):
@@ -173,7 +158,7 @@ def test_resume_continues_exactly(short_run, tmp_path):
         ["--max_steps", "6", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", *FAST]
     )
     assert "Resumed from" in completed.stdout
-    uninterrupted, continued = losses(output_dir), losses(resumed)
+    uninterrupted, continued = logged_losses(output_dir), logged_losses(resumed)
     assert sorted(continued) == [4, 5, 6]
     for step in (4, 5, 6):
         assert continued[step] == uninterrupted[step], step
@@ -251,19 +236,14 @@ def test_upload_without_network_keeps_the_model_and_never_shows_the_token(tmp_pa
         extra_environment={"HF_TOKEN": FAKE_TOKEN},
     )
     assert (output_dir / "checkpoints" / "step_2" / "training_progress.json").is_file()
-    assert completed.returncode == 1
-    assert "Could not upload" in completed.stderr and "nothing was lost" in completed.stderr
-    assert (output_dir / "model.safetensors").is_file()
-    outputs = completed.stdout + completed.stderr
-    outputs += "".join(path.read_text(errors="ignore") for path in output_dir.rglob("*") if path.is_file())
-    assert FAKE_TOKEN not in outputs
+    assert_upload_failed_keeping_the_result_and_hiding_the_token(completed, output_dir, "model.safetensors")
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     output_dir = tmp_path / "bf16"
     run_script(["--max_steps", "2", "--mixed_precision", "bf16", "--output_dir", str(output_dir), *FAST])
     assert json.loads((output_dir / "args.json").read_text())["mixed_precision"] == "bf16"
-    assert all(math.isfinite(loss) for loss in losses(output_dir).values())
+    assert all(math.isfinite(loss) for loss in logged_losses(output_dir).values())
 
 
 def test_profile_steps_attribute_a_steps_time_to_its_components(tmp_path):
@@ -284,8 +264,6 @@ def test_profile_steps_attribute_a_steps_time_to_its_components(tmp_path):
 def test_sigkill_then_resume_latest_matches_the_uninterrupted_run(short_run, tmp_path):
     """Kill -9 a run once its step-3 checkpoint exists (a half-written checkpoint folder is left beside it), then
     `--resume_from_checkpoint latest`: steps 4-6 reproduce the uninterrupted run's losses exactly."""
-    import signal
-    import time
 
     uninterrupted_dir, _ = short_run
     output_dir = tmp_path / "killed"
@@ -300,30 +278,17 @@ def test_sigkill_then_resume_latest_matches_the_uninterrupted_run(short_run, tmp
         "--tokenizer",
         str(uninterrupted_dir / "tokenizer"),
     ]  # the learnt vocabulary may differ on ties
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "training" / "pretrain.py"), *arguments],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 600
-    while not (output_dir / "checkpoints" / "step_3").is_dir() and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_once_checkpointed("pretrain.py", arguments, output_dir / "checkpoints" / "step_3")
     (output_dir / "checkpoints" / ".tmp_step_6").mkdir(exist_ok=True)  # what a kill during a save leaves
     (output_dir / "checkpoints" / ".tmp_step_6" / "model.safetensors").write_bytes(b"partial")
     run_script([*arguments, "--resume_from_checkpoint", "latest"])
-    resumed, uninterrupted = losses(output_dir), losses(uninterrupted_dir)
+    resumed, uninterrupted = logged_losses(output_dir), logged_losses(uninterrupted_dir)
     for step in (4, 5, 6):
         assert resumed[step] == uninterrupted[step], step
 
 
 def test_pretraining_on_parquet_files_without_eval_files(tmp_path):
-    from training.synthetic import synthetic_stream
+    from medmoe.training.synthetic import synthetic_stream
 
     from .test_data import write_parquet
 
@@ -338,12 +303,14 @@ def test_pretraining_on_parquet_files_without_eval_files(tmp_path):
 
 def test_held_out_figures_equal_the_evaluation_cli_on_the_same_rows(short_run, tmp_path):
     """Pretraining's held-out check and the evaluation CLI are one code path: same model, same rows, same R@K."""
-    from training import run_evaluation
+    from medmoe.training import run_evaluation
 
     output_dir, _ = short_run
     held_out = json.loads((output_dir / "eval_results.json").read_text())
     arguments = ["--model", str(output_dir), "--output_dir", str(tmp_path), "--tasks", "retrieval,routing"]
-    cli = run_evaluation.main([*arguments, "--max_samples", "16", "--batch_size", "5", "--num_workers", "0"])
+    cli = run_evaluation.main(
+        [*arguments, "--max_eval_samples", "16", "--per_device_eval_batch_size", "5", "--num_workers", "0"]
+    )
     assert held_out["num_samples"] == cli["num_samples"] == 16
     assert held_out["details"]["retrieval"] == cli["details"]["retrieval"]
     names = [name for name in cli["metrics"] if name.startswith(("retrieval/", "routing/"))]
@@ -354,8 +321,8 @@ def test_held_out_figures_equal_the_evaluation_cli_on_the_same_rows(short_run, t
 
 def test_card_states_what_happened_in_a_run_stopped_by_the_budget(tmp_path):
     """Steps actually trained, the evaluation pool, the backbone as built, and the data by name, never by path."""
+    from medmoe.training.synthetic import synthetic_stream
     from modeling_medmoe import MedMoEConfig
-    from training.synthetic import synthetic_stream
 
     from .test_data import write_parquet
 
@@ -388,7 +355,7 @@ def test_card_states_what_happened_in_a_run_stopped_by_the_budget(tmp_path):
 
 
 def test_local_data_is_named_on_cards_only_as_the_user_chooses(tmp_path):
-    from training.evaluation import dataset_description, public_dataset_name
+    from medmoe.training.evaluation_metrics import dataset_description, public_dataset_name
 
     folder = tmp_path / "st-elsewhere-oncology"
     folder.mkdir()
@@ -401,7 +368,7 @@ def test_local_data_is_named_on_cards_only_as_the_user_chooses(tmp_path):
 
 
 def test_config_overrides_reach_the_sub_configs_and_refuse_unknown_keys():
-    from training.pretrain import apply_config_overrides, parse_args
+    from medmoe.training.pretrain import apply_config_overrides, parse_args
 
     config = MedMoEConfig.from_preset("small")
     apply_config_overrides(config, "vision_config.router_levels=all, text_config.num_hidden_layers=4,projection_dim=64")
@@ -446,7 +413,7 @@ def test_resume_latest_falls_back_past_a_damaged_checkpoint(short_run, tmp_path)
     assert not (output_dir / "checkpoints" / ".tmp_step_9").exists()
     logged = [json.loads(line)["step"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
     assert logged == sorted(set(logged)) == [1, 2, 3, 4, 5, 6]
-    assert losses(output_dir) == pytest.approx(losses(short_run[0]), abs=1e-5)
+    assert logged_losses(output_dir) == pytest.approx(logged_losses(short_run[0]), abs=1e-5)
 
 
 def test_a_resume_with_no_loadable_checkpoint_names_each(short_run, tmp_path):

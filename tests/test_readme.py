@@ -1,8 +1,9 @@
 """The README's quickstart, and the DICOM guide's examples that continue it, run as written (offline, in a fresh
-process, from an empty folder)."""
+process, in a folder holding only what the main job leaves: outputs/medmoe-nano)."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,12 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
-def test_quickstart_and_the_dicom_guide_run_as_written(tmp_path):
+def test_quickstart_and_the_dicom_guide_run_as_written(nano_folder, tmp_path):
+    shutil.copytree(nano_folder, tmp_path / "outputs" / "medmoe-nano")  # a nano folder, as the main job saves one
     dicom_guide = (ROOT / "docs" / "dicom-and-archives.md").read_text()
     code = "\n".join(python_blocks(readme_section("Quickstart")) + python_blocks(dicom_guide))
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "image.png")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf")}
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "HF_HOME": str(tmp_path / "hf")}
     completed = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600
     )

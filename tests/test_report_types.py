@@ -1,6 +1,7 @@
 import pytest
 
-from modeling_medmoe import UNKNOWN_REPORT_TYPE, detect_modality, report_type_index
+from medmoe.training.report_types import detect_modality, report_type_index
+from modeling_medmoe import UNKNOWN_REPORT_TYPE
 from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from modeling_medmoe import detect_modality
-from training.synthetic import (
+from medmoe.training.report_types import detect_modality
+from medmoe.training.synthetic import (
     EVAL_SEED,
     MODALITIES,
     TRAIN_SEED,

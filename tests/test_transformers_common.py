@@ -27,6 +27,7 @@ from transformers_common_tests.test_modeling_common import (  # noqa: E402
 )
 from transformers_common_tests.test_processing_common import ProcessorTesterMixin  # noqa: E402
 
+from medmoe.training.tokenizer import train_wordpiece_tokenizer  # noqa: E402
 from modeling_medmoe import (  # noqa: E402
     MedMoEConfig,
     MedMoEForImageClassification,
@@ -35,7 +36,6 @@ from modeling_medmoe import (  # noqa: E402
     MedMoEProcessor,
     MedMoEVisionConfig,
 )
-from training.tokenizer import train_wordpiece_tokenizer  # noqa: E402
 
 from .conftest import REPORTS  # noqa: E402
 

@@ -2,10 +2,9 @@
 
 `accelerate launch` hands each process `OMP_NUM_THREADS=1` unless the user set that variable or passed
 `--num_cpu_threads_per_process` (its own CPU tuning applies only with `--cpu` and an explicit process count). That is
-its default for GPU runs; on a machine without a GPU it leaves cores idle (BENCHMARKS.md, pretraining speed, has
-what that cost). When a script trains on the CPU under that
-default, each process gets physical cores / processes on this machine threads instead, the rule accelerate applies
-to its `--cpu` runs. A plain `python` or `torchrun` start is left as it is.
+its default for GPU runs; on a machine without a GPU it leaves cores idle. When a script trains on the CPU under
+that default, each process gets physical cores / processes on this machine threads instead, the rule accelerate
+applies to its `--cpu` runs. A plain `python` or `torchrun` start is left as it is.
 """
 
 from __future__ import annotations

@@ -9,12 +9,15 @@ registered with `register_for_checkpointing` would be unpickled, and none are).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 PROGRESS_FILE = "training_progress.json"
@@ -91,7 +94,7 @@ def resume_checkpoint(accelerator, resume_from: str, checkpoints_dir: Path, prog
             return checkpoint
         except Exception as error:  # safetensors, torch and json each raise their own kind on a damaged file
             failures.append(f"{checkpoint}: {type(error).__name__}: {error}")
-            accelerator.print(f"Skipping checkpoint {failures[-1]}")
+            logger.warning(f"Skipping checkpoint {failures[-1]}")
     raise NoLoadableCheckpoint("No checkpoint could be loaded:\n" + "\n".join(failures))
 
 

@@ -12,10 +12,11 @@ import argparse
 import dataclasses
 import glob
 import io
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -25,10 +26,12 @@ from PIL import Image
 from modeling_medmoe import MedMoEProcessor
 from modeling_medmoe.dicom import DicomPixels, is_dicom, read_dicom
 from modeling_medmoe.limits import InputLimits, InputTooLarge
-from modeling_medmoe.report_types import report_type_index, type_name_to_index
 
+from .report_types import report_type_index, type_name_to_index
 from .synthetic import EVAL_SEED, TRAIN_SEED, synthetic_stream
 from .text_augmentation import SentenceSampler
+
+logger = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "image_path", "path", "file_name", "filename")
@@ -37,60 +40,46 @@ EVAL_SPLIT_CANDIDATES = ("validation", "eval", "valid", "val", "test")
 FILE_BUILDERS = {".parquet": "parquet", ".tar": "webdataset", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-@dataclass
-class DataOptions:
-    """Where the rows come from, which columns hold what, and how they are read (the scripts' data flags)."""
+def help_field(default, help: str, **metadata):
+    """A dataclass field whose help text HfArgumentParser shows (`--help`)."""
+    return field(default=default, metadata={"help": help, **metadata})
 
-    dataset_name: str = SYNTHETIC
-    train_files: str | None = None
-    eval_files: str | None = None
-    image_column: str | None = None
-    text_column: str | None = None
-    report_type_column: str | None = None
-    train_split: str = "train"
-    eval_split: str | None = None
-    synthetic_rows_per_shard: int = 2000
-    synthetic_shards: int = 8
-    synthetic_image_size: int = 128
-    shuffle_buffer: int = 1000
-    sentence_sampling: float = 0.0
-    num_workers: int = 2
+
+@dataclass
+class DataArguments:
+    """Where the rows come from, which columns hold what, and how they are read and batched for evaluation: the
+    data flags of pretraining, fine-tuning and evaluation (HfArgumentParser makes one flag of each field)."""
+
+    dataset_name: str = help_field(SYNTHETIC, "synthetic, a Hub dataset id, or a local dataset or save_to_disk folder")
+    train_files: str | None = help_field(None, "glob of parquet / webdataset .tar / jsonl / csv files, or imagefolder")
+    eval_files: str | None = help_field(None, "glob for the evaluation rows (same formats)")
+    train_split: str = help_field("train", "the split of --dataset_name to train on")
+    eval_split: str | None = help_field(None, "default: the first of validation, eval, valid, val, test")
+    image_column: str | None = help_field(None, "default: detected (an Image feature or a usual name)")
+    text_column: str | None = help_field(None, "default: detected (text, report, caption, findings, ...)")
+    report_type_column: str | None = help_field(None, "column naming the modality; default: read from the report text")
+    dataset_card_name: str | None = help_field(
+        None,
+        "how model cards, args.json and results name local data (default: 'local dataset': no folder or file name "
+        "of it is written); synthetic and Hub ids are named as themselves",
+    )
+    max_length: int | None = help_field(128, "report length in tokens")
+    per_device_eval_batch_size: int = help_field(64, "rows per evaluation batch")
+    max_eval_samples: int | None = help_field(384, "evaluate the first N eval rows (they are the retrieval pool)")
+    shuffle_buffer: int = help_field(1000, "rows the training stream is shuffled within")
+    num_workers: int = help_field(2, "DataLoader workers per process (decode + transforms)")
+    synthetic_rows_per_shard: int = help_field(2000, "rows per shard of the synthetic stream")
+    synthetic_shards: int = help_field(8, "shards of the synthetic stream")
+    synthetic_image_size: int = help_field(128, "side of the synthetic phantoms in pixels")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataOptions":
-        """The options from parsed `add_data_arguments` flags."""
+    def from_args(cls, args: argparse.Namespace) -> "DataArguments":
+        """The data arguments among a script's parsed arguments."""
         names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{name: value for name, value in vars(args).items() if name in names and value is not None})
+        return cls(**{name: value for name, value in vars(args).items() if name in names})
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
-    """The data flags every script shares (`training`: and the training-only augmentation)."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", default=SYNTHETIC, help="synthetic, a Hub dataset id or a local dataset folder")
-    data.add_argument("--train_files", help="glob of parquet / webdataset .tar / jsonl / csv files, or an imagefolder")
-    data.add_argument("--eval_files", help="glob for the evaluation rows (same formats)")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--eval_split", help="default: the first of validation, eval, valid, val, test")
-    data.add_argument("--image_column", help="default: detected (an Image feature or a usual name)")
-    data.add_argument("--text_column", help="default: detected (text, report, caption, findings, ...)")
-    data.add_argument("--report_type_column", help="column naming the modality; default: read from the report text")
-    data.add_argument(
-        "--dataset_card_name",
-        help="how model cards, args.json and results name local data (default: 'local dataset': no folder or file "
-        "name of it is written); synthetic and Hub ids are named as themselves",
-    )
-    data.add_argument("--shuffle_buffer", type=int, default=1000)
-    if training:
-        data.add_argument(
-            "--sentence_sampling",
-            type=float,
-            default=0.0,
-            help="share of training reports replaced by one of their sentences, drawn at random (ConVIRT; 0 = off)",
-        )
-    data.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per process (decode + transforms)")
-
-
-def open_stream(options: DataOptions, which: str) -> tuple[datasets.IterableDataset, str, str]:
+def open_stream(options: DataArguments, which: str) -> tuple[datasets.IterableDataset, str, str]:
     """The train or eval stream with its image and text columns (given or detected)."""
     stream = load_stream(options, which)
     image_column = detect_column(stream, options.image_column, "image")
@@ -160,7 +149,7 @@ def hub_or_folder_stream(name: str, split: str | None, wanted: str) -> datasets.
     return stream
 
 
-def load_stream(options: DataOptions, which: str) -> datasets.IterableDataset:
+def load_stream(options: DataArguments, which: str) -> datasets.IterableDataset:
     """The train or eval stream (`which` is "train" or "eval")."""
     files = options.train_files if which == "train" else options.eval_files
     if files:
@@ -507,26 +496,21 @@ def build_loader(
 
 @dataclass
 class LoaderSettings:
-    """Batch sizes, report length, shuffle seed and held-out size of a training script's loaders."""
+    """What a training script's loaders take from its training arguments: batch size, shuffle seed, and the share of
+    reports cut to one sentence."""
 
     train_batch_size: int
-    eval_batch_size: int
-    max_length: int
     seed: int
-    max_eval_samples: int | None
+    sentence_sampling: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LoaderSettings":
-        """The settings from a training script's --per_device_{train,eval}_batch_size, --max_length, --seed and
-        --max_eval_samples."""
-        return cls(
-            args.per_device_train_batch_size, args.per_device_eval_batch_size, args.max_length, args.seed,
-            args.max_eval_samples,
-        )  # fmt: skip
+        """The settings from a training script's --per_device_train_batch_size, --seed and --sentence_sampling."""
+        return cls(args.per_device_train_batch_size, args.seed, args.sentence_sampling)
 
 
 def script_loaders(
-    options: DataOptions,
+    options: DataArguments,
     settings: LoaderSettings,
     processor: MedMoEProcessor,
     train_stream: datasets.IterableDataset,
@@ -546,7 +530,7 @@ def script_loaders(
         "expert_names": expert_names,
         "report_type_column": options.report_type_column,
         "metadata_columns": metadata_columns,
-        "max_length": settings.max_length,
+        "max_length": options.max_length,
         "num_workers": options.num_workers,
     }
     train_loader = build_loader(
@@ -558,7 +542,7 @@ def script_loaders(
         num_processes=num_processes,
         shuffle_seed=settings.seed,
         shuffle_buffer=options.shuffle_buffer,
-        sentence_sampling=options.sentence_sampling,
+        sentence_sampling=settings.sentence_sampling,
         **shared,
     )
     if options.train_files and not options.eval_files:
@@ -567,10 +551,10 @@ def script_loaders(
         eval_stream = load_stream(options, "eval")
     except NoSuchSplit as missing:
         if process_index == 0:
-            print(f"No held-out evaluation: {missing}")
+            logger.info(f"No held-out evaluation: {missing}")
         return train_loader, None
     eval_loader = build_loader(
-        eval_stream, processor, batch_size=settings.eval_batch_size, training=False,
-        max_rows=settings.max_eval_samples, **shared,
+        eval_stream, processor, batch_size=options.per_device_eval_batch_size, training=False,
+        max_rows=options.max_eval_samples, **shared,
     )  # fmt: skip
     return train_loader, eval_loader

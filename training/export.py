@@ -1,7 +1,7 @@
 """Export a MedMoE folder's image side to ONNX, keeping the sparse routing, for fast CPU inference.
 
-    python -m training.export --model outputs/medmoe-nano
-    python -m training.export --model outputs/medmoe-small --int8
+    python -m medmoe.training.export --model outputs/medmoe-nano
+    python -m medmoe.training.export --model outputs/medmoe-small --int8
 
 Writes FOLDER/onnx/ (modeling_medmoe/onnx_export.py says how, modeling_medmoe/onnx_image_encoder.py what it holds):
 the vision pyramid and the router as one graph, each expert with the image projection as its own, fp32 or, with

@@ -7,7 +7,11 @@
 
 OUTPUT_DIR itself is the result, as in transformers' and peft's example scripts: the adapter (LoRA; load it with
 PeftModel.from_pretrained on the base) or the whole model (full fine-tuning), with the processor and
-eval_results.json; --merge also writes the merged model to OUTPUT_DIR/merged.
+eval_results.json; --merge also writes the merged model to OUTPUT_DIR/merged. The run goes as pretraining's does
+(training/run.py, the same training flags): checkpoints in OUTPUT_DIR/checkpoints (--checkpointing_steps), resume
+(--resume_from_checkpoint latest), --mixed_precision, trackers (--report_to), the per-step log train_log.jsonl and
+the log run.log, the result written in place only once complete, --push_to_hub; an earlier run's folder is never
+overwritten silently.
 """
 
 from __future__ import annotations
@@ -15,54 +19,36 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from pathlib import Path
+import logging
+import sys
 
 import numpy as np
 import torch
-from accelerate import DistributedDataParallelKwargs
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, get_scheduler
+from transformers import AutoProcessor
 
+from medmoe.training import data as data_module
+from medmoe.training.arguments import FINETUNING_DEFAULTS, FinetuningArguments, RunArguments, parse
+from medmoe.training.checkpoints import NoLoadableCheckpoint
+from medmoe.training.data import DataArguments
+from medmoe.training.evaluation_metrics import dataset_description, evaluate_retrieval_and_routing
+from medmoe.training.loop import contrastive_forward
+from medmoe.training.metrics import classification_results
+from medmoe.training.run import LOG_FILE, STEP_LOG, ModelFolderNotSaved, OutputDirNotEmpty, TrainingRun
 from modeling_medmoe import MedMoEForImageClassification, MedMoEModel
-from training import data as data_module
-from training.accelerator import accelerator_for_this_machine
-from training.checkpoints import TrainingProgress
-from training.evaluation import dataset_description, evaluate_retrieval_and_routing
-from training.loop import LoopSchedule, build_optimizer, contrastive_forward, run_training
-from training.metrics import classification_results
 
-# Our own module names: Swin attention (qkv, attn.proj), BERT attention (query, value) and the projections.
-DEFAULT_LORA_TARGETS = ("qkv", "attn.proj", "query", "value", "image_projection", "text_projection")
+logger = logging.getLogger(__name__)
+
+# What a run leaves beside the result in --output_dir; the upload leaves them out.
+RUN_FILES = ["checkpoints/*", "medmoe-finetune/*", STEP_LOG, LOG_FILE]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pretrained MedMoE folder or Hub id")
-    parser.add_argument("--task", choices=["classification", "contrastive"], default="classification")
-    parser.add_argument("--output_dir", required=True, type=Path)
-    parser.add_argument("--label_column", default="modality", help="the class column (classification)")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    parser.add_argument("--lora_r", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=int, default=16)
-    parser.add_argument("--lora_dropout", type=float, default=0.05)
-    parser.add_argument("--lora_target", default=",".join(DEFAULT_LORA_TARGETS), help="comma-separated module names")
-    parser.add_argument("--merge", action="store_true", help="also save the LoRA weights merged into the model")
-    data_module.add_data_arguments(parser)
-    parser.add_argument("--class_scan_rows", type=int, default=5000, help="train rows read to find the classes")
-    train = parser.add_argument_group("training")
-    train.add_argument("--max_steps", type=int, default=200)
-    train.add_argument("--per_device_train_batch_size", type=int, default=16)
-    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 = none)")
-    train.add_argument("--learning_rate", type=float, default=5e-4)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--warmup_steps", type=int, default=10)
-    train.add_argument("--max_eval_samples", type=int, default=1000)
-    train.add_argument("--max_length", type=int, default=128)
-    train.add_argument("--seed", type=int, default=42)
-    return parser.parse_args(argv)
+    """FinetuningArguments, DataArguments and RunArguments (training/arguments.py), with fine-tuning's defaults."""
+    args = parse((FinetuningArguments, DataArguments, RunArguments), argv, __doc__, FINETUNING_DEFAULTS)
+    if args.output_dir is None:
+        raise SystemExit("error: fine-tuning needs --output_dir (the adapter or model it writes)")
+    return args
 
 
 def find_classes(stream, label_column: str, rows: int) -> list[str]:
@@ -148,112 +134,115 @@ def task_forward(args: argparse.Namespace, classes: list[str], device: torch.dev
 
 
 def evaluate_contrastive(model, loader, device, args) -> dict:
-    """Retrieval and routing as training/evaluation.py defines them (the pretraining held-out check's figures)."""
+    """Retrieval and routing as training/evaluation_metrics.py defines them (pretraining's held-out figures)."""
     dataset = dataset_description(args.dataset_name, args.eval_files, args.eval_split, args.dataset_card_name)
     results = evaluate_retrieval_and_routing(model, loader, device, model.config.expert_names, dataset)
     return {**results["metrics"], "num_samples": results["num_samples"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Fine-tuning, step by step: the run (accelerator, output folder, logging, seed), processor, data and classes,
+    the model (LoRA-wrapped or not), loaders, optimizer and schedule, resume, the loop, then evaluate, save and
+    upload."""
     args = parse_args(argv)
-    accelerator = accelerator_for_this_machine(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    set_seed(args.seed, device_specific=False)
+    run = TrainingRun(args, project="medmoe-finetune")
+    accelerator = run.accelerator
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    options = data_module.DataOptions.from_args(args)
+    options = DataArguments.from_args(args)
     train_stream, image_column, text_column = data_module.open_stream(options, "train")
     classes = (
         find_classes(train_stream, args.label_column, args.class_scan_rows) if args.task == "classification" else []
     )
     model = build_model(args, classes)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
     trainable, total = trainable_share(model)
     mode = f"{args.task} with LoRA" if args.lora else f"{args.task}, all weights"
-    accelerator.print(f"{mode}: trainable {100 * trainable / total:.1f}% ({trainable:,} of {total:,} parameters)")
+    logger.info(f"{mode}: trainable {100 * trainable / total:.1f}% ({trainable:,} of {total:,} parameters)")
     if classes:
-        accelerator.print(f"classes from {args.label_column!r}: {classes}")
+        logger.info(f"classes from {args.label_column!r}: {classes}")
 
     expert_names = list((model.get_base_model() if args.lora else model).config.expert_names)
     keep = (args.label_column,) if args.task == "classification" else ()
-
     train_loader, eval_loader = data_module.script_loaders(
         options, data_module.LoaderSettings.from_args(args), processor, train_stream, image_column, text_column,
         expert_names, accelerator.process_index, accelerator.num_processes, keep,
     )  # fmt: skip
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
-    scheduler = get_scheduler(
-        "cosine", optimizer, args.warmup_steps * accelerator.num_processes, args.max_steps * accelerator.num_processes
-    )
+    optimizer, scheduler = run.optimizer_and_schedule(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    forward = task_forward(args, classes, accelerator.device)
-    losses, progress = [], TrainingProgress()
+    progress = run.resume_or_start()
+    run.start_trackers()
 
     def log(step, out, meter, bar):
-        losses.append(accelerator.reduce(out.loss.detach(), reduction="mean").item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        run.log_step(step, {"loss": out.loss}, scheduler, meter, bar)
 
-    run_training(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        forward,
-        LoopSchedule(args.max_steps),
-        progress,
-        max_grad_norm=args.max_grad_norm,
-        description=f"fine-tuning ({args.task})",
-        log=log,
-    )
+    run.train(model, optimizer, scheduler, train_loader, task_forward(args, classes, accelerator.device), progress,
+              description=f"fine-tuning ({args.task})", log=log)  # fmt: skip
 
     summary = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if eval_loader is None:
             metrics = {}
-            print("No evaluation: pass --eval_files (or a dataset with an eval split).")
+            logger.info("No evaluation: pass --eval_files (or a dataset with an eval split).")
         elif args.task == "classification":
             metrics = evaluate_classifier(unwrapped, eval_loader, accelerator.device, args.label_column, classes)
         else:
             metrics = evaluate_contrastive(unwrapped, eval_loader, accelerator.device, args)
-        summary = save_outputs(args, unwrapped, processor, metrics, losses, trainable / total, progress.skipped_steps)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        summary = save_outputs(run, unwrapped, processor, metrics, trainable / total, progress)
+    run.end()
     return summary
 
 
-def save_outputs(args, model, processor, metrics: dict, losses: list[float], share: float, skipped_steps: int) -> dict:
-    """The adapter (LoRA) or the model (full), the merged model (--merge), and eval_results.json."""
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    saved = {}
-    model.save_pretrained(args.output_dir)  # OUTPUT_DIR itself: the adapter (LoRA) or the whole model
-    processor.save_pretrained(args.output_dir)
-    saved["adapter" if args.lora else "model"] = str(args.output_dir)
+def logged_losses(run: TrainingRun) -> list[float]:
+    """The losses of the step log (every --logging_steps), this run's and, after a resume, the earlier ones'."""
+    log_file = run.output_dir / STEP_LOG
+    return [json.loads(line)["loss"] for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+
+
+def save_outputs(run: TrainingRun, model, processor, metrics: dict, share: float, progress) -> dict:
+    """The adapter (LoRA) or the model (full), the merged model (--merge) and eval_results.json, written in place
+    at once (`TrainingRun.save`); then the upload (--push_to_hub)."""
+    args = run.args
+    saved = {"adapter" if args.lora else "model": str(args.output_dir)}
     if args.lora and args.merge:
-        merged_dir = args.output_dir / "merged"
-        model.merge_and_unload().save_pretrained(merged_dir)
-        processor.save_pretrained(merged_dir)
-        saved["merged"] = str(merged_dir)
+        saved["merged"] = str(args.output_dir / "merged")
+    losses = logged_losses(run)
     summary = {
         "task": args.task,
         "lora": args.lora,
         "trainable_share": share,
-        "steps": len(losses),
-        "skipped_steps": skipped_steps,
+        "steps": progress.step,
+        "skipped_steps": progress.skipped_steps,
         "first_loss": float(np.mean(losses[:10])) if losses else None,
         "last_loss": float(np.mean(losses[-10:])) if losses else None,
         "metrics": metrics,
         "saved": saved,
     }
-    (args.output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("Eval: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float)))
+
+    def write(folder):
+        model.save_pretrained(folder)  # OUTPUT_DIR itself: the adapter (LoRA) or the whole model
+        processor.save_pretrained(folder)
+        if args.lora and args.merge:
+            model.merge_and_unload().save_pretrained(folder / "merged")
+            processor.save_pretrained(folder / "merged")
+        (folder / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    run.save(write, progress.step)
+    summary.update(run.push(ignore_patterns=RUN_FILES))
+    logger.info("Eval: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()
+                                      if isinstance(value, float)))  # fmt: skip
     for kind, path in saved.items():
-        print(f"Saved {kind}: {path}")
-    print(f"Results: {args.output_dir / 'eval_results.json'}")
+        logger.info(f"Saved {kind}: {path}")
+    logger.info(f"Results: {args.output_dir / 'eval_results.json'}; log: {args.output_dir / LOG_FILE}")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        finetune_summary = main()
+    except (FileNotFoundError, OutputDirNotEmpty, data_module.NoUsableBatch, NoLoadableCheckpoint,
+            ModelFolderNotSaved, ValueError) as error:  # fmt: skip
+        sys.exit(f"error: {error}")
+    if "hub_upload_error" in finetune_summary:
+        sys.exit(f"error: {finetune_summary['hub_upload_error']}")

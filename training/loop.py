@@ -6,6 +6,7 @@ the cadence of logging, held-out evaluation and checkpointing (each a function t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections import Counter
@@ -16,10 +17,12 @@ import torch
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 
-from training.checkpoints import TrainingProgress
-from training.data import batches_forever
-from training.embedding import model_inputs
-from training.profiling import section
+from medmoe.training.checkpoints import TrainingProgress
+from medmoe.training.data import batches_forever
+from medmoe.training.evaluation_embeddings import model_inputs
+from medmoe.training.profiling import section
+
+logger = logging.getLogger(__name__)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -33,8 +36,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`, fused (one kernel for all parameters instead of a loop over them; the gain
-    is in BENCHMARKS.md, pretraining speed)."""
+    """AdamW over `parameter_groups`, fused (one kernel for all parameters instead of a loop over them)."""
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=learning_rate, fused=True)
 
 
@@ -209,7 +211,7 @@ def run_training(
         if not cycle_finite:
             progress.skipped_steps += 1
             cycle_finite = True
-            bar.write(
+            logger.warning(
                 f"step {progress.step + 1}: non-finite loss or gradient, step skipped ({progress.skipped_steps} so far)"
             )
             accelerator.log({"skipped_steps": progress.skipped_steps}, step=progress.step)
@@ -217,7 +219,7 @@ def run_training(
         progress.step += 1
         bar.update(1)
         if profiler is not None and (table := profiler.step_ended(progress.step)):
-            bar.write(f"{table}\n(written to {profiler.output_dir / 'profile.md'})")
+            logger.info(f"{table}\n(written to {profiler.output_dir / 'profile.md'})")
         if after_step is not None:
             after_step(progress.step, out, bar)
         is_last = progress.step == schedule.max_steps or deadline.passed()

@@ -6,7 +6,7 @@
 
 Writes OUT/results.json (every metric, also as huggingface_hub EvalResult fields for the model card),
 OUT/results.md, and pictures (OUT/routing_confusion.png, OUT/attention/*.png); prints a summary table.
-The figures are defined in training/evaluation.py (the same code scores pretraining's held-out check), the
+The figures are defined in training/evaluation_metrics.py (the same code scores pretraining's held-out check), the
 zero-shot prompts and scoring in modeling_medmoe/zero_shot.py; metrics are local `evaluate` modules in
 training/metrics, loaded by path.
 """
@@ -15,73 +15,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoProcessor
 
+from medmoe.training import data as data_module
+from medmoe.training import evaluation_metrics
+from medmoe.training.arguments import parse
+from medmoe.training.data import DataArguments, help_field
+from medmoe.training.evaluation_embeddings import EmbeddedSet, embed_pairs, model_inputs
+from medmoe.training.logs import LOG_FILE, setup_logging
+from medmoe.training.metrics import load_metric
 from modeling_medmoe.image_encoder import ImageEncoder
 from modeling_medmoe.zero_shot import DEFAULT_PROMPT_TEMPLATES, zero_shot_class_embeddings
-from training import data as data_module
-from training import evaluation
-from training.embedding import EmbeddedSet, embed_pairs, model_inputs
-from training.metrics import load_metric
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "routing", "attention")
 PROBE_FRACTIONS = (0.01, 0.1, 1.0)
 
 
+@dataclass
+class EvaluationArguments:
+    """What the evaluation scores and how (its data flags are DataArguments', shared with the training scripts)."""
+
+    model: str = field(metadata={"help": "a saved MedMoE folder or Hub id"})
+    output_dir: Path = field(metadata={"help": "where results.json, results.md and the pictures go"})
+    tasks: str = help_field(",".join(TASKS), f"comma-separated subset of {','.join(TASKS)}")
+    label_column: str = help_field("modality", "classes for zero-shot, probe and routing")
+    probe_columns: str | None = help_field(
+        None, "comma-separated columns the linear probe classifies (default: the label column)"
+    )
+    templates: Path | None = help_field(None, "file with one prompt template per line, {} = class name")
+    class_phrases: Path | None = help_field(
+        None, 'JSON file naming each class in the prompts, e.g. {"CT": "CT scan"} (default: the class value itself)'
+    )
+    max_train_samples: int = help_field(2000, "rows the linear probe is fitted on")
+    probe_min_class_rows: int = help_field(5, "the probe leaves out classes with fewer train rows")
+    num_visualizations: int = help_field(4, "samples drawn as attention pictures")
+    max_pointing_samples: int = help_field(512, "rows scored by the pointing game")
+    torch_compile: bool = help_field(False, "torch.compile the backbone and the text tower")
+    backend: Literal["torch", "onnx"] = help_field(
+        "torch", "image side: PyTorch, or the folder's ONNX export (training/export.py; not with the attention task)"
+    )
+    seed: int = help_field(0, "seed of the probe's subsampling")
+    device: str = help_field("cuda" if torch.cuda.is_available() else "cpu", "where the model runs")
+
+    def __post_init__(self):
+        self.tasks = [task.strip() for task in self.tasks.split(",") if task.strip()]
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
+        if self.backend == "onnx" and "attention" in self.tasks:
+            raise ValueError("--backend onnx gives image embeddings only; leave out the attention task (--tasks)")
+        self.probe_columns = [c.strip() for c in (self.probe_columns or self.label_column).split(",") if c.strip()]
+
+
+# The evaluation scores every eval row unless told otherwise, at the length the model was trained with.
+EVALUATION_DEFAULTS = {"max_eval_samples": None, "max_length": None}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved MedMoE folder or Hub id")
-    parser.add_argument("--output_dir", required=True, type=Path)
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    data_module.add_data_arguments(parser, training=False)  # --train_files / the train split feed the linear probe
-    parser.add_argument("--label_column", default="modality", help="classes for zero-shot, probe and routing")
-    parser.add_argument(
-        "--probe_columns", help="comma-separated columns the linear probe classifies (default: the label column)"
-    )
-    parser.add_argument("--templates", type=Path, help="file with one prompt template per line, {} = class name")
-    parser.add_argument(
-        "--class_phrases",
-        type=Path,
-        help='JSON file naming each class in the prompts, e.g. {"CT": "CT scan"} (default: the class value itself)',
-    )
-    parser.add_argument(
-        "--max_samples", type=int, help="evaluate the first N eval rows (default: all; they are the retrieval pool)"
-    )
-    parser.add_argument("--max_train_samples", type=int, default=2000, help="rows the linear probe is fitted on")
-    parser.add_argument(
-        "--probe_min_class_rows", type=int, default=5, help="the probe leaves out classes with fewer train rows"
-    )
-    parser.add_argument("--num_visualizations", type=int, default=4, help="samples drawn as attention pictures")
-    parser.add_argument("--max_pointing_samples", type=int, default=512, help="rows scored by the pointing game")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument(
-        "--max_length",
-        type=int,
-        help="report length in tokens (default: the length the model was trained with, its tokenizer's)",
-    )
-    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the backbone and the text tower")
-    parser.add_argument(
-        "--backend",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="image side: PyTorch, or the folder's ONNX export (training/export.py; not with the attention task)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    args.tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    args.probe_columns = [c.strip() for c in (args.probe_columns or args.label_column).split(",") if c.strip()]
-    unknown = set(args.tasks) - set(TASKS)
-    if unknown:
-        parser.error(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
-    if args.backend == "onnx" and "attention" in args.tasks:
-        parser.error("--backend onnx gives image embeddings only; leave out the attention task (--tasks)")
-    return args
+    """EvaluationArguments and DataArguments (--train_files / the train split feed the linear probe) as one
+    namespace."""
+    return parse((EvaluationArguments, DataArguments), argv, __doc__, EVALUATION_DEFAULTS)
 
 
 UNSET_TOKENIZER_LENGTH = 100_000  # transformers' stand-in for "no limit" is far above any real one
@@ -94,7 +97,7 @@ def training_length(tokenizer, fallback: int = 128) -> int:
     return int(length) if length and length < UNSET_TOKENIZER_LENGTH else fallback
 
 
-class Evaluation:
+class EvaluationRun:
     """One evaluation run: the model, its processor, the data options and what has been measured so far.
 
     `model` is a MedMoEModel or anything with its interface: forward(pixel_values=...) giving image_embeds and
@@ -110,7 +113,7 @@ class Evaluation:
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.expert_names = list(expert_names)
-        self.options = data_module.DataOptions.from_args(args)
+        self.options = DataArguments.from_args(args)
         self.metrics: dict[str, float] = {}
         self.details: dict[str, object] = {}
         self.pictures: list[str] = []
@@ -123,7 +126,7 @@ class Evaluation:
             self.processor,
             image_column=image_column,
             text_column=text_column,
-            batch_size=batch_size or self.args.batch_size,
+            batch_size=batch_size or self.args.per_device_eval_batch_size,
             training=False,
             expert_names=self.expert_names,
             report_type_column=self.args.report_type_column,
@@ -138,15 +141,15 @@ class Evaluation:
                            image_encoder=self.image_encoder)  # fmt: skip
 
     def class_labels(self, embedded: EmbeddedSet, class_names: list[str] | None = None, column: str | None = None):
-        """`evaluation.class_labels` of `column` (default: the label column)."""
+        """`evaluation_metrics.class_labels` of `column` (default: the label column)."""
         column = column or self.args.label_column
         values = embedded.metadata.get(column)
         if values is None:
             raise ValueError(f"The rows have no {column!r} column; pass --label_column with one they have.")
-        return evaluation.class_labels(values, self.expert_names, class_names)
+        return evaluation_metrics.class_labels(values, self.expert_names, class_names)
 
 
-def zero_shot(evaluation_run: Evaluation, embedded: EmbeddedSet, templates: list[str]) -> None:
+def zero_shot(evaluation_run: EvaluationRun, embedded: EmbeddedSet, templates: list[str]) -> None:
     """Classes of the label column, scored by the model package's zero-shot code."""
     names, labels = evaluation_run.class_labels(embedded)
     model = evaluation_run.model
@@ -154,18 +157,20 @@ def zero_shot(evaluation_run: Evaluation, embedded: EmbeddedSet, templates: list
     prompted = [phrases.get(name, name) for name in names]
     class_embeds = zero_shot_class_embeddings(model, evaluation_run.processor.tokenizer, prompted, templates).cpu()
     logit_scale = float(model.clamped_logit_scale().detach())
-    metrics, details = evaluation.zero_shot_metrics(embedded.image_embeds, class_embeds, logit_scale, labels, names)
+    metrics, details = evaluation_metrics.zero_shot_metrics(
+        embedded.image_embeds, class_embeds, logit_scale, labels, names
+    )
     evaluation_run.metrics.update(metrics)
     evaluation_run.details["zero_shot"] = {**details, "templates": templates, "class_phrases": prompted}
 
 
-def retrieval(evaluation_run: Evaluation, embedded: EmbeddedSet) -> None:
-    metrics, details = evaluation.retrieval_metrics(embedded)
+def retrieval(evaluation_run: EvaluationRun, embedded: EmbeddedSet) -> None:
+    metrics, details = evaluation_metrics.retrieval_metrics(embedded)
     evaluation_run.metrics.update(metrics)
     evaluation_run.details["retrieval"] = details
 
 
-def linear_probe(evaluation_run: Evaluation, embedded: EmbeddedSet) -> None:
+def linear_probe(evaluation_run: EvaluationRun, embedded: EmbeddedSet) -> None:
     """The paper's Table 2 protocol: frozen image embeddings, logistic regression on 1%, 10%, 100% of train, for
     each probe column. Metrics: linear_probe/accuracy_F for the label column, linear_probe_COLUMN/accuracy_F for
     the others. Classes with fewer than --probe_min_class_rows train rows are left out, with their eval rows
@@ -185,7 +190,7 @@ def linear_probe(evaluation_run: Evaluation, embedded: EmbeddedSet) -> None:
         keep_train, keep_eval = np.isin(train_labels, frequent), np.isin(eval_labels, frequent)
         prefix = "linear_probe" if column == evaluation_run.args.label_column else f"linear_probe_{column}"
         if len(frequent) < 2 or not keep_eval.any():
-            print(f"linear probe on {column!r}: fewer than 2 classes with enough train rows, or no eval rows; skipped")
+            logger.info(f"linear probe on {column!r}: fewer than 2 classes with enough train rows, or no eval rows")
             continue
         accuracies = {}
         for fraction in PROBE_FRACTIONS:
@@ -216,17 +221,17 @@ def subsample_per_class(labels: np.ndarray, fraction: float, generator: np.rando
     return np.sort(np.array(chosen))
 
 
-def routing(evaluation_run: Evaluation, embedded: EmbeddedSet, output_dir: Path) -> None:
+def routing(evaluation_run: EvaluationRun, embedded: EmbeddedSet, output_dir: Path) -> None:
     """Expert-by-class table, purity and NMI against the label column (else the report type), and its picture."""
-    metrics, details = evaluation.routing_metrics(
+    metrics, details = evaluation_metrics.routing_metrics(
         embedded, evaluation_run.expert_names, evaluation_run.args.label_column
     )
     evaluation_run.metrics.update(metrics)
     evaluation_run.details["routing"] = details
     if not metrics:
-        print(f"routing: no row has a known {details['truth']}; skipped")
+        logger.info(f"routing: no row has a known {details['truth']}; skipped")
         return
-    from training.pictures import plot_routing_confusion
+    from medmoe.training.evaluation_plots import plot_routing_confusion
 
     path = output_dir / "routing_confusion.png"
     plot_routing_confusion(
@@ -235,16 +240,16 @@ def routing(evaluation_run: Evaluation, embedded: EmbeddedSet, output_dir: Path)
     evaluation_run.pictures.append(str(path))
 
 
-def attention(evaluation_run: Evaluation, output_dir: Path) -> None:
+def attention(evaluation_run: EvaluationRun, output_dir: Path) -> None:
     """Word-region attention and scale attention pictures; on data with finding boxes, the pointing game."""
-    from training.pictures import display_image, plot_scale_attention, plot_word_attention, report_words
+    from medmoe.training.evaluation_plots import display_image, plot_scale_attention, plot_word_attention, report_words
 
     args = evaluation_run.args
     rows = max(args.num_visualizations, args.max_pointing_samples)
     hits, finding_words, drawn = 0, 0, 0
     picture_dir = output_dir / "attention"
     picture_dir.mkdir(parents=True, exist_ok=True)
-    for batch in evaluation_run.loader("eval", rows, batch_size=min(args.batch_size, 32)):
+    for batch in evaluation_run.loader("eval", rows, batch_size=min(args.per_device_eval_batch_size, 32)):
         if "pixel_values" not in batch:
             continue
         with torch.no_grad():
@@ -290,6 +295,7 @@ def markdown_table(metrics: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    setup_logging("info", main_process=True, log_file=args.output_dir / LOG_FILE)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     if args.torch_compile:
@@ -299,16 +305,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate_model(args: argparse.Namespace, model, processor, expert_names: list[str], image_encoder=None) -> dict:
-    """Run args.tasks on `model` (see `Evaluation`; its images through `image_encoder` when given), write
+    """Run args.tasks on `model` (see `EvaluationRun`; its images through `image_encoder` when given), write
     OUT/results.json, results.md and pictures."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    evaluation_run = Evaluation(args, model, processor, expert_names, image_encoder)
+    evaluation_run = EvaluationRun(args, model, processor, expert_names, image_encoder)
     templates = list(DEFAULT_PROMPT_TEMPLATES)
     if args.templates:
         templates = [line.strip() for line in args.templates.read_text().splitlines() if "{}" in line]
         if not templates:
             sys.exit(f"{args.templates} has no template line with {{}}.")
-    embedded = evaluation_run.embed("eval", args.max_samples) if set(args.tasks) - {"attention"} else None
+    embedded = evaluation_run.embed("eval", args.max_eval_samples) if set(args.tasks) - {"attention"} else None
     if "zero_shot" in args.tasks:
         zero_shot(evaluation_run, embedded, templates)
     if "retrieval" in args.tasks:
@@ -320,15 +326,15 @@ def evaluate_model(args: argparse.Namespace, model, processor, expert_names: lis
     if "attention" in args.tasks:
         attention(evaluation_run, args.output_dir)
 
-    dataset = evaluation.dataset_description(
+    dataset = evaluation_metrics.dataset_description(
         args.dataset_name, args.eval_files, args.eval_split, args.dataset_card_name
     )
     metrics, details = evaluation_run.metrics, evaluation_run.details
     if embedded is not None:
-        results = evaluation.results_document(embedded, evaluation_run.expert_names, metrics, details, dataset)
+        results = evaluation_metrics.results_document(embedded, evaluation_run.expert_names, metrics, details, dataset)
     else:
         results = {"dataset": dataset, "num_samples": None, "metrics": metrics, "details": details}
-        results["eval_results"] = evaluation.eval_results(metrics, dataset)
+        results["eval_results"] = evaluation_metrics.eval_results(metrics, dataset)
     results = {"model": args.model, "label_column": args.label_column, **results, "pictures": evaluation_run.pictures}
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(metrics)

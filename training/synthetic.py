@@ -18,6 +18,12 @@ from PIL import Image
 
 from modeling_medmoe.configuration_medmoe import DEFAULT_EXPERT_NAMES
 
+# What the card of a model trained on this stream alone says (model_card/generate.py), and medmoe-classify looks for.
+SYNTHETIC_NOTE = (
+    "**Demonstration model.** It was pretrained on the built-in `synthetic` stream of procedural phantoms, so it "
+    "shows the pipeline end to end but knows nothing about real medical images."
+)
+
 MODALITIES = DEFAULT_EXPERT_NAMES  # one phantom kind per default expert
 TRAIN_SEED = 0
 EVAL_SEED = 1_000_003  # the held-out phantoms; any seed other than the training one works

@@ -1,11 +1,3 @@
-# Copyright 2026 The MedMoE Authors. All rights reserved.
-#
-# Licensed under the Apache License, Version 2.0 (the "License"); you may not use this file except in compliance with
-# the License. You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software distributed under the License is distributed on
-# an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the License for the
-# specific language governing permissions and limitations under the License.
 """Report-type labeller: reads a report and says which imaging modality it describes.
 
 The rules, in order:
@@ -25,7 +17,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-UNKNOWN_REPORT_TYPE = -100
+from modeling_medmoe.configuration_medmoe import UNKNOWN_REPORT_TYPE
 
 _IGNORE_CASE = re.IGNORECASE
 # Acronyms are case-sensitive so that "ct" inside words, "Mr." or "us" do not count; words are case-insensitive.

@@ -1,7 +1,7 @@
 """Run a MedMoE model over an evaluation stream and collect embeddings, routing and ground truth.
 
 Images and reports are embedded by separate calls, so an image is never routed by its own report (whatever the
-config's `router_input`); the figures computed from them are defined in training/evaluation.py.
+config's `router_input`); the figures computed from them are defined in training/evaluation_metrics.py.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medmoe.training.evaluation_embeddings import EmbeddedSet, embed_pairs
+from medmoe.training.metrics import classification_results, load_metric
 from modeling_medmoe.zero_shot import zero_shot_probabilities
-from training.embedding import EmbeddedSet, embed_pairs
-from training.metrics import classification_results, load_metric
 
 DIRECTIONS = ("image_to_text", "text_to_image")
 TASK_TYPES = {  # metric-name prefix -> EvalResult task type
@@ -64,13 +64,12 @@ def retrieval_metrics(embedded: EmbeddedSet) -> tuple[dict[str, float], dict]:
     same_text = report_index[:, None] == report_index[None, :]
     similarity = embedded.image_embeds.float() @ embedded.text_embeds.float().T
     metric = load_metric("retrieval")
-    metrics = {}
+    metrics, ranks = {}, {}
     for direction, scores in zip(DIRECTIONS, (similarity, similarity.T)):
-        ranks = retrieval_ranks(scores, same_text)
-        strict = metric.compute(predictions=ranks["strict"], tie_spans=ranks["tie_span"])
-        matched = metric.compute(predictions=ranks["text_match"])
-        metrics.update({f"retrieval/{direction}_{key}": value for key, value in strict.items()})
-        metrics.update({f"retrieval/{direction}_text_match_{key}": value for key, value in matched.items()})
+        ranks[direction] = retrieval_ranks(scores, same_text)
+        metrics.update(
+            {f"retrieval/{direction}_{key}": value for key, value in ranked(metric, ranks[direction]).items()}
+        )
     details = {
         "pool_size": pool,
         "distinct_reports": len(report_ids),
@@ -79,7 +78,31 @@ def retrieval_metrics(embedded: EmbeddedSet) -> tuple[dict[str, float], dict]:
         "chance_R@10": min(10 / pool, 1.0),
         "ties": "strict ranks break ties at random (expected value); text_match counts identical reports as hits",
     }
+    if "modality" in embedded.metadata:
+        details["per_modality"] = per_modality_retrieval(metric, ranks, embedded.metadata["modality"])
     return metrics, details
+
+
+def ranked(metric, ranks: dict[str, np.ndarray], rows: np.ndarray | None = None) -> dict[str, float]:
+    """R@K and median rank, strict and text-match, of the queries `rows` (default: all) from their ranks."""
+    rows = slice(None) if rows is None else rows
+    strict = metric.compute(predictions=ranks["strict"][rows], tie_spans=ranks["tie_span"][rows])
+    matched = metric.compute(predictions=ranks["text_match"][rows])
+    return {**strict, **{f"text_match_{key}": value for key, value in matched.items()}}
+
+
+def per_modality_retrieval(metric, ranks: dict, modalities: list) -> dict[str, dict]:
+    """Each modality's queries scored against the whole pool (so that the figures of the modalities compare):
+    {modality: {"queries": n, "DIRECTION_R@K": ..., ...}}, both directions, strict and text-match."""
+    values = np.array([str(value) if value is not None else "" for value in modalities])
+    figures = {}
+    for modality in sorted(set(values) - {""}):
+        rows = np.flatnonzero(values == modality)
+        figures[modality] = {"queries": int(len(rows))}
+        for direction in DIRECTIONS:
+            figures[modality].update({f"{direction}_{key}": value for key, value in
+                                      ranked(metric, ranks[direction], rows).items()})  # fmt: skip
+    return figures
 
 
 def class_labels(values: list, expert_names: list[str], class_names: list[str] | None = None):
