@@ -6,10 +6,11 @@
 Measures, on one device: swin-tiny (224 px, K=6 experts, batch 32, bf16 autocast, fused AdamW) training images/s
 with sparse and with dense expert dispatch and the peak device memory of each; the local loss (B=32, 25 words,
 D=256, 28x28 regions) forward + backward time unchunked and chunked and the peak memory of each; a short FSDP2 run
-(training/sharding.py under torchrun, one process per device); accelerate's FSDP path (training/configs/fsdp.yaml
-with training/pretrain.py for a few nano steps: its exit status, the lines that name FSDP, its log); and evaluation
-throughput (image embeddings, no gradients). A failing part is recorded in the JSON with its error; the rest still
-runs.
+(benchmarks/fsdp2_sharding.py under torchrun, one process per device); accelerate's FSDP path
+(training/configs/fsdp.yaml with training/pretrain.py for a few nano steps: its exit status, the lines that name
+FSDP, its log); and the archive's image side (medmoe-index on the device: bfloat16 autocast, pinned batches):
+images/s, peak memory and agreement with float32 on the CPU. A failing part is recorded in the JSON with its error;
+the rest still runs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,10 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.local_loss import TEMPERATURES, inputs  # noqa: E402
-from modeling_medmoe import MedMoEConfig, MedMoEModel  # noqa: E402
-from modeling_medmoe.losses import local_contrastive_loss  # noqa: E402
-from training.loop import build_optimizer  # noqa: E402
+from benchmarks.local_loss import TEMPERATURES, inputs
+from medmoe.training.loop import build_optimizer
+from modeling_medmoe import MedMoEConfig, MedMoEModel
+from modeling_medmoe.losses import local_contrastive_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"preset": "swin-tiny", "batch": 32, "steps": 10, "words": 25, "grid": 28, "loss_batch": 32, "width": 256}
@@ -124,25 +122,39 @@ def local_loss_figures(sizes: dict, device: torch.device) -> dict:
     return figures
 
 
-def evaluation_images_per_s(sizes: dict, device: torch.device) -> float:
+def archive_embedding_figures(sizes: dict, device: torch.device) -> dict:
+    """medmoe-index's image side on the device (modeling_medmoe.ImageEncoder: pinned host batches, bfloat16
+    autocast), batches of 4 x the training batch: images/s, peak device memory, and agreement with float32 on the CPU
+    for the same images (the least cosine similarity of the embeddings, the share routed to the same expert)."""
+    from modeling_medmoe.image_encoder import ImageEncoder
+
     config = MedMoEConfig.from_preset(sizes["preset"])
-    model = MedMoEModel(config).to(device).eval()
-    pixels = random_batch(config, sizes["batch"], device)["pixel_values"]
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        model.get_image_features(pixel_values=pixels)  # warm-up
-        synchronize(device)
+    torch.manual_seed(0)
+    model = MedMoEModel(config).eval()
+    pixels = random_batch(config, 4 * sizes["batch"], torch.device("cpu"))["pixel_values"]
+    reference, reference_experts = ImageEncoder(model)(pixels)
+    encoder = ImageEncoder(model.to(device), autocast_dtype=torch.bfloat16)
+    encoder(pixels)  # warm-up
+    with PeakMemory(device) as memory:
         start = time.perf_counter()
         for _ in range(sizes["steps"]):
-            model.get_image_features(pixel_values=pixels)
-        synchronize(device)
-    return sizes["batch"] * sizes["steps"] / (time.perf_counter() - start)
+            embeddings, experts = encoder(pixels)
+        seconds = time.perf_counter() - start
+    cosine = torch.nn.functional.cosine_similarity(embeddings, reference, dim=-1)
+    return {
+        "batch": len(pixels),
+        "images_per_s": len(pixels) * sizes["steps"] / seconds,
+        "peak_memory_mb": memory.megabytes,
+        "least_cosine_vs_cpu_float32": float(cosine.min()),
+        "same_expert_share": float((experts == reference_experts).float().mean()),
+    }
 
 
 def fsdp_worker(sizes: dict, device_type: str) -> None:
-    """Under torchrun: FSDP2 (training/sharding.py) for a few steps; rank 0 prints a JSON line."""
+    """Under torchrun: FSDP2 (benchmarks/fsdp2_sharding.py) for a few steps; rank 0 prints a JSON line."""
     import torch.distributed as dist
 
-    from training.sharding import average_replicated_gradients, shard_with_fsdp2
+    from benchmarks.fsdp2_sharding import average_replicated_gradients, shard_with_fsdp2
 
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     rank = dist.get_rank()
@@ -175,7 +187,7 @@ def run_json_line(command: list[str]) -> dict:
 def fsdp_figures(device: torch.device) -> dict:
     processes = torch.cuda.device_count() if device.type == "cuda" else 1
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-    command += [str(Path(__file__)), "--fsdp_worker", "--device", device.type]
+    command += ["--module", "benchmarks.gpu_check", "--fsdp_worker", "--device", device.type]
     return {"processes": processes, **run_json_line(command)}
 
 
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     guarded(results, "local_loss", lambda: local_loss_figures(sizes, device))
     guarded(results, "fsdp2_torchrun", lambda: fsdp_figures(device))
     guarded(results, "accelerate_fsdp", lambda: accelerate_fsdp_run(args.output.parent / "gpu_check_fsdp_run"))
-    guarded(results, "evaluation_images_per_s", lambda: evaluation_images_per_s(sizes, device))
+    guarded(results, "archive_embedding", lambda: archive_embedding_figures(sizes, device))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -21,21 +21,21 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
 import torch
 
-from medmoe_archive.dicomweb import PacsError, PacsSettings, add_pacs_arguments, dicomweb_rows, parse_qido_filters
+from medmoe.training import data as data_module
+from medmoe_archive.dicomweb import PacsSettings, add_pacs_arguments, dicomweb_rows, parse_qido_filters
 from medmoe_archive.rows import DICOM_FIELDS, ArchiveRow
-from modeling_medmoe.dicom import is_dicom, is_dicom_bytes, is_dicom_file
-from modeling_medmoe.image_encoder import ImageEncoder
-from modeling_medmoe.limits import InputLimits, InputTooLarge
-from training import data as data_module
+from medmoe_archive.vector_index import IndexPlan, StoredVectors
+from modeling_medmoe.dicom import is_dicom_bytes, is_dicom_file
+from modeling_medmoe.image_encoder import BACKENDS, ImageEncoder
+from modeling_medmoe.limits import InputLimits
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
-INDEX_TYPES = ("flat", "ivf")
 FAISS_FILE = "embedding.faiss"
 SKIPPED_FILE = "skipped.jsonl"
 INFO_FILE = "index_info.json"
@@ -207,6 +207,74 @@ def add_source_arguments(parser) -> None:
     add_pacs_arguments(parser)
 
 
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: no autocast
+MAX_DEFAULT_WORKERS = 8
+
+
+def add_embedding_arguments(parser) -> None:
+    """How images are decoded and embedded, shared by medmoe-index and medmoe-classify (`EmbeddingSettings`)."""
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (under several processes each uses its own GPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="autocast the model's image side to bfloat16 or float16 (GPUs; bfloat16 also on CPUs)",
+    )
+    parser.add_argument("--batch_size", type=int, help="images per forward pass (default: 32 on CPU, 128 on GPU)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        help="processes that read and decode images while the model embeds (default: this process's share of the "
+        f"cores, at most {MAX_DEFAULT_WORKERS}; 0 = decode in the main process)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="image side: torch, onnx (the folder's export, training/export.py), or auto (onnx when exported)",
+    )
+
+
+def cores_of_this_process() -> int:
+    """The cores this process may use, shared with the other processes of an accelerate launch on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """Where and how images are embedded: `device`, autocast `dtype`, `batch_size`, `num_workers` decoding
+    processes, `backend` (medmoe_archive/decoding.py, modeling_medmoe.ImageEncoder)."""
+
+    device: str
+    dtype: str
+    batch_size: int
+    num_workers: int
+    backend: str
+
+    @classmethod
+    def from_args(cls, args, share) -> "EmbeddingSettings":
+        """`add_embedding_arguments`' flags with their defaults for this device and this rank (`share`)."""
+        device = share.device(args.device)
+        batch_size = args.batch_size or (128 if device.startswith("cuda") else 32)
+        workers = (
+            args.num_workers if args.num_workers is not None else min(cores_of_this_process(), MAX_DEFAULT_WORKERS)
+        )
+        if batch_size < 1 or workers < 0:
+            raise ValueError("--batch_size must be at least 1 and --num_workers at least 0.")
+        return cls(device, args.dtype, batch_size, workers, args.backend)
+
+    def encoder(self, model, folder: str) -> ImageEncoder:
+        return ImageEncoder.for_model(model, folder, self.backend, autocast_dtype=DTYPES[self.dtype])
+
+    def describe(self) -> str:
+        return f"{self.device}, {self.dtype}, batch {self.batch_size}, {self.num_workers} decoding workers"
+
+
 def stream_rows(stream: datasets.IterableDataset, image_column: str, id_column: str | None) -> Iterator[ArchiveRow]:
     """Rows of a `datasets` stream; id = the id column's value or the row number; metadata = the other scalar
     columns (text, labels, ...)."""
@@ -252,48 +320,6 @@ def index_features(metadata: dict, dimension: int) -> datasets.Features:
     )
 
 
-def prepare_rows(rows: list[ArchiveRow], image_processor, window: str | None):
-    """(model inputs [3, H, W] of the readable rows, those rows, their display images [3, H, W] in [0, 1], the
-    skipped rows as {"id", "path", "reason", "detail"}): each row decoded once (DICOM through `window`); a row that
-    cannot be read is skipped with its reason, never raised."""
-    pixels, kept, units, skipped = [], [], [], []
-    for row in rows:
-        reason, detail = row.problem, row.detail
-        if reason is None:
-            try:
-                image = row.image() if callable(row.image) else row.image  # a PACS instance is fetched here
-            except PacsError as error:  # one line naming the PACS and what failed: the instance is skipped
-                reason, detail = "fetch_failed", str(error)
-        if reason is None:
-            try:  # a DICOM row names its frame (the middle one, or each one with --all_frames)
-                unit = image_processor.to_display(image, window=window, frame=row.metadata.get("frame"))
-            except FileNotFoundError as error:
-                reason, detail = "missing_file", str(error)
-            except InputTooLarge as error:
-                reason, detail = "too_large", str(error)
-            except (ValueError, OSError, TypeError) as error:
-                reason, detail = "undecodable_dicom" if is_dicom(image) else "undecodable_image", str(error)
-        if reason is not None:
-            skipped.append({"id": row.id, "path": row.path, "reason": reason, "detail": detail})
-            continue
-        pixels.append(image_processor.unit_to_model_input(unit))
-        kept.append(row)
-        units.append(unit)
-    return pixels, kept, units, skipped
-
-
-def thumbnail_png(unit_image: torch.Tensor, size: int) -> bytes:
-    """[3, H, W] in [0, 1] -> PNG bytes of at most size x size pixels."""
-    from PIL import Image
-
-    pixels = (unit_image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    image = Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), pixels.numpy().tobytes())
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def embed_images(encoder: ImageEncoder, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L2-normalised image embeddings [B, P], chosen experts [B]) of pixel_values [B, 3, H, W], what an index
     stores (inner product = cosine similarity)."""
@@ -334,13 +360,31 @@ def columns_with_values(dataset: datasets.Dataset, columns: tuple[str, ...]) -> 
     }
 
 
-def load_index(index_dir: Path) -> tuple[datasets.Dataset, dict]:
-    """The finished dataset with its FAISS index loaded, and index_info.json."""
+@dataclass
+class LoadedIndex:
+    """A finished index folder: the dataset (memory-mapped), its stored vectors, the FAISS index and its plan."""
+
+    dataset: datasets.Dataset
+    info: dict
+    plan: IndexPlan
+    faiss_index: object
+    vectors: StoredVectors
+
+    def nearest(self, query: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+        """(scores, row numbers) of the k rows most similar to `query` [P], best first."""
+        scores, rows = self.plan.search(self.faiss_index, self.vectors, query.numpy(), k)
+        return scores.tolist(), rows.tolist()
+
+
+def load_index(index_dir: Path, nprobe: int | None = None) -> LoadedIndex:
+    """The finished dataset and its FAISS index (searching `nprobe` lists when given, else the plan's)."""
     info = read_json(index_dir / INFO_FILE)
     if info is None or not (index_dir / FAISS_FILE).is_file():
         raise FileNotFoundError(
             f"{index_dir} holds no finished index (no {INFO_FILE} / {FAISS_FILE}); run medmoe-index."
         )
+    plan = IndexPlan.from_info(info)
+    if nprobe is not None:
+        plan = replace(plan, nprobe=nprobe)
     dataset = datasets.load_from_disk(str(index_dir / "dataset"))
-    dataset.load_faiss_index("embedding", str(index_dir / FAISS_FILE))
-    return dataset, info
+    return LoadedIndex(dataset, info, plan, plan.load(index_dir / FAISS_FILE), StoredVectors(dataset))

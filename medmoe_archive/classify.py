@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
+import shutil
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,7 +30,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from medmoe.training.synthetic import SYNTHETIC_NOTE
 from medmoe_archive import archive
+from medmoe_archive.decoding import prepare_rows
 from medmoe_archive.deidentify import (
     DROPPED,
     IdentifiedOutput,
@@ -38,10 +42,9 @@ from medmoe_archive.deidentify import (
     private_permissions,
 )
 from medmoe_archive.dicomweb import PacsError
+from medmoe_archive.ranks import RankShare
 from medmoe_archive.rows import ArchiveRow
-from model_card.generate import SYNTHETIC_NOTE
 from modeling_medmoe import MedMoEImageProcessor
-from modeling_medmoe.image_encoder import BACKENDS, ImageEncoder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     archive.add_source_arguments(parser)
     parser.add_argument("--labels", required=True, help="comma-separated class names, e.g. CT,MRI,X-ray")
     parser.add_argument("--out", required=True, type=Path, help="the per-image CSV (the per-series one goes beside)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="image side: torch, onnx or auto")
+    archive.add_embedding_arguments(parser)
     add_deidentify_arguments(parser)
     return parser.parse_args(argv)
 
@@ -67,38 +69,48 @@ def synthetic_only_warning(model_name: str) -> str | None:
     return None
 
 
-def classify(args: argparse.Namespace) -> dict:
+def classify(args: argparse.Namespace) -> dict | None:
     """Score every image; write the per-image and per-series CSV files and the skipped list (as the output policy
-    says, readable by the user alone); returns a summary."""
+    says, readable by the user alone); returns a summary (None on ranks other than the main one: under several
+    processes each scores its share and the main process writes the files)."""
     policy = output_policy(args)
+    share = RankShare.of_this_process(args.device)
     with private_files(), policy.quiet_logs():
-        if not args.out.parent.exists():
+        if share.is_main and not args.out.parent.exists():
             args.out.parent.mkdir(parents=True)
-        return classify_with_policy(args, policy)
+        share.wait_for_everyone()
+        return classify_with_policy(args, policy, share)
 
 
 @torch.no_grad()
-def classify_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> dict:
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
+def classify_with_policy(args: argparse.Namespace, policy: IdentifiedOutput, share: RankShare) -> dict | None:
+    settings = archive.EmbeddingSettings.from_args(args, share)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(settings.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     image_processor = MedMoEImageProcessor.from_pretrained(args.model)
     labels, templates = zero_shot_request(args.labels, image_processor)
-    class_embeds = model.get_zero_shot_class_embeddings(tokenizer, labels, templates)
-    encoder = ImageEncoder.for_model(model, args.model, args.backend)
+    class_embeds = model.get_zero_shot_class_embeddings(tokenizer, labels, templates).float().cpu()
+    encoder = settings.encoder(model, args.model)
     source = archive.ArchiveSource.from_args(args, image_processor.limits)
     rows, _ = source.open()
+    rows_of_this_rank = (row for row in rows if share.owns(row))
     per_image, skipped = [], []
     bar = tqdm(desc=f"classifying ({encoder.name})", unit="image")
-    for batch in batched(rows, args.batch_size):
-        pixels, kept, _, batch_skipped = archive.prepare_rows(batch, image_processor, args.window)
-        skipped += [policy.skipped(entry) for entry in batch_skipped]
+    prepared_rows = prepare_rows(rows_of_this_rank, image_processor, args.window, workers=settings.num_workers)
+    for batch in batched(prepared_rows, settings.batch_size):
+        kept = [prepared for prepared in batch if prepared.skipped is None]
+        skipped += [policy.skipped(prepared.skipped) for prepared in batch if prepared.skipped is not None]
         if kept:
-            embeddings, experts = archive.embed_images(encoder, torch.stack(pixels))
+            embeddings, experts = archive.embed_images(encoder, torch.stack([prepared.pixels for prepared in kept]))
             probabilities = model.zero_shot_probabilities(embeddings, class_embeds)
-            per_image += [image_row(row, labels, p, model.config.expert_names[e], policy) for row, p, e in
-                          zip(kept, probabilities, experts.tolist())]  # fmt: skip
+            per_image += [image_row(prepared.row, labels, p, model.config.expert_names[e], policy) for prepared, p, e
+                          in zip(kept, probabilities, experts.tolist())]  # fmt: skip
         bar.update(len(batch))
     bar.close()
+    if share.ranks > 1:
+        per_image, skipped = gathered_parts(args.out, share, per_image, skipped)
+        if per_image is None:
+            return None
     series = per_series(per_image, labels)
     paths = write_outputs(args.out, per_image, series, skipped, labels, policy)
     summary = {
@@ -110,6 +122,26 @@ def classify_with_policy(args: argparse.Namespace, policy: IdentifiedOutput) -> 
         "warning": synthetic_only_warning(args.model),
     }
     return summary
+
+
+def gathered_parts(out: Path, share: RankShare, per_image: list[dict], skipped: list[dict]):
+    """Every rank's rows, in rank order, on the main process ((None, None) on the others): each rank writes its
+    own part beside OUT (already as the output policy says), the main process reads them all once every rank has
+    written, then removes them."""
+    parts = out.with_name(f".{out.stem}_parts")
+    parts.mkdir(exist_ok=True)
+    part = parts / f"rank-{share.rank:03d}.json"
+    archive.write_json_atomically(part, {"per_image": per_image, "skipped": skipped})
+    share.wait_for_everyone()
+    if not share.is_main:
+        return None, None
+    per_image, skipped = [], []
+    for rank in range(share.ranks):
+        written = archive.read_json(parts / f"rank-{rank:03d}.json")
+        per_image += written["per_image"]
+        skipped += written["skipped"]
+    shutil.rmtree(parts)
+    return per_image, skipped
 
 
 def zero_shot_request(labels_text: str, image_processor) -> tuple[list[str], list[str]]:
@@ -191,10 +223,13 @@ def write_outputs(out: Path, per_image, series, skipped, labels, policy: Identif
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # the modules' warnings
     try:
         summary = classify(args)
     except (FileNotFoundError, ValueError, ImportError, PacsError) as error:
         sys.exit(f"error: {error}")
+    if summary is None:  # another rank: the main process writes the files
+        return
     if summary["warning"]:
         print(summary["warning"], file=sys.stderr)
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(summary["skipped"].items())) or "none"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the hits as JSON instead of a table")
     parser.add_argument("--model", help="default: the model the index was built with")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--nprobe", type=positive_int, help="inverted lists searched (ivf, ivfpq; default: the index's own setting)"
+    )
     args = parser.parse_args(argv)
     if args.pool == "mean" and not args.group:
         parser.error("--pool mean pools the images of a series or study: add --group series or --group study")
@@ -79,8 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class ArchiveSearch:
     """An index folder, its model and processor: queries in, ranked rows out."""
 
-    def __init__(self, index_dir: Path, model_name: str | None = None, device: str = "cpu"):
-        self.dataset, self.info = archive.load_index(index_dir)
+    def __init__(self, index_dir: Path, model_name: str | None = None, device: str = "cpu", nprobe: int | None = None):
+        self.index = archive.load_index(index_dir, nprobe)
+        self.dataset, self.info = self.index.dataset, self.index.info
+        self.shown = self.dataset.remove_columns("embedding")  # what a hit carries
         model_name = model_name or self.info["model"]
         self.model = AutoModel.from_pretrained(model_name, trust_remote_code=True).to(device).eval()
         self.image_processor = MedMoEImageProcessor.from_pretrained(model_name)
@@ -101,31 +107,34 @@ class ArchiveSearch:
 
     def search(
         self, query: torch.Tensor, k: int, expert: str | None = None, where: dict | None = None,
-        group: str | None = None, pool: str = "best",
+        group: str | None = None, pool: str = "best", within: dict | None = None,
     ) -> list[dict]:  # fmt: skip
-        """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`
-        and those whose columns equal `where`'s values (e.g. {"modality": "CT"}, the DICOM tag). With `group` (a
-        column such as series_uid), the k best groups instead: each its best row, with `matches`, how many of its
-        rows were among the hits (pool="best"), or scored by the group's pooled embedding, with `matches` the rows
-        pooled (pool="mean", see `pooled_groups`). Each hit is the row (without its embedding) with `score` and
-        `rank`."""
+        """The k rows most similar to `query` [P] (cosine), best first, optionally only those routed to `expert`,
+        those whose columns equal `where`'s values (e.g. {"modality": "CT"}, the DICOM tag) and those whose columns
+        lie in `within`'s (low, high) ranges, bounds included, either open when None (e.g. {"study_date":
+        ("20260101", None)}). With `group` (a column such as series_uid), the k best groups instead: each its best
+        row, with `matches`, how many of its rows were among the hits (pool="best"), or scored by the group's pooled
+        embedding, with `matches` the rows pooled (pool="mean", see `pooled_groups`). Each hit is the row (without
+        its embedding) with `score`, `rank` and `row`, its number in the dataset."""
         if expert is not None and expert not in self.info["expert_names"]:
             raise ValueError(f"Unknown expert {expert!r}; the model's experts are {self.info['expert_names']}.")
         where = {**(where or {}), **({"expert": expert} if expert is not None else {})}
-        for column in [*where, *([group] if group else [])]:
+        keep = RowFilter(where, within or {})
+        for column in [*keep.columns, *([group] if group else [])]:
             if column not in self.dataset.column_names:
                 raise ValueError(f"The index has no column {column!r}; it has {self.dataset.column_names}.")
         if group and pool == "mean":
-            return pooled_groups(self.dataset, query, k, group, where)
+            return pooled_groups(self.dataset, query, k, group, keep)
         total = len(self.dataset)
-        wanted = min(k if not where and not group else 4 * k, total)
+        wanted = min(k if not keep.columns and not group else 4 * k, total)
         while True:  # with a filter or groups, widen the search until k answers or the archive is exhausted
-            scores, rows = self.dataset.get_nearest_examples("embedding", query.numpy().astype(np.float32), k=wanted)
+            scores, rows = self.index.nearest(query, wanted)
+            found = self.shown[rows] if rows else {}
             hits = [
-                {"score": float(score), **{key: rows[key][position] for key in rows if key != "embedding"}}
-                for position, score in enumerate(scores)
+                {"score": score, "row": row, **{key: found[key][position] for key in found}}
+                for position, (score, row) in enumerate(zip(scores, rows))
             ]
-            hits = [hit for hit in hits if all(hit[column] == value for column, value in where.items())]
+            hits = [hit for hit in hits if keep(hit)]
             if group:
                 hits = best_per_group(hits, group)
             if len(hits) >= k or wanted >= total:
@@ -133,15 +142,32 @@ class ArchiveSearch:
             wanted = min(2 * wanted, total)
 
 
-def pooled_groups(dataset, query: torch.Tensor, k: int, group: str, where: dict) -> list[dict]:
+class RowFilter:
+    """Which rows a search keeps: columns equal to `where`'s values and within `within`'s (low, high) ranges."""
+
+    def __init__(self, where: dict, within: dict):
+        self.where, self.within = where, within
+        self.columns = sorted({*where, *within})
+
+    def __call__(self, row: dict) -> bool:
+        if any(row[column] != value for column, value in self.where.items()):
+            return False
+        for column, (low, high) in self.within.items():
+            value = row[column]
+            if value is None or (low is not None and value < low) or (high is not None and value > high):
+                return False
+        return True
+
+
+def pooled_groups(dataset, query: torch.Tensor, k: int, group: str, keep: RowFilter) -> list[dict]:
     """The k values of `group` (a column such as series_uid) whose pooled embedding, the mean of their rows' unit
     embeddings made unit again, is most similar to `query` [P], best first: each answered with its row most similar
-    to the query, `score` the pooled similarity and `matches` the number of rows pooled. Only rows whose columns equal
-    `where`'s values take part; rows without a `group` value (not DICOM) are left out."""
-    columns = {column: dataset[column] for column in {group, *where}}
+    to the query, `score` the pooled similarity and `matches` the number of rows pooled. Only rows `keep` keeps take
+    part; rows without a `group` value (not DICOM) are left out."""
+    columns = {column: dataset[column] for column in {group, *keep.columns}}
     members: dict = {}
     for row, key in enumerate(columns[group]):
-        if key is not None and all(columns[column][row] == value for column, value in where.items()):
+        if key is not None and keep({column: values[row] for column, values in columns.items()}):
             members.setdefault(key, []).append(row)
     if not members:
         return []
@@ -158,7 +184,7 @@ def pooled_groups(dataset, query: torch.Tensor, k: int, group: str, where: dict)
     hits = []
     for rank, (score, row, count) in enumerate(scored[:k], start=1):
         fields = {key: value for key, value in dataset[row].items() if key != "embedding"}
-        hits.append({"rank": rank, "score": score, **fields, "matches": count})
+        hits.append({"rank": rank, "score": score, "row": row, **fields, "matches": count})
     return hits
 
 
@@ -212,8 +238,9 @@ def hit_picture(hit: dict):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")  # the modules' warnings
     try:
-        searcher = ArchiveSearch(args.index, args.model, args.device)
+        searcher = ArchiveSearch(args.index, args.model, args.device, args.nprobe)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     try:

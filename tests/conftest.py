@@ -1,14 +1,17 @@
-"""Shared fixtures: a tokenizer trained offline, a nano model sized to it, a processor and a small paired batch."""
+"""Shared fixtures: a tokenizer trained offline, a nano model sized to it, a processor and a small paired batch; a
+saved nano folder; an archive folder of phantoms and DICOM files."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from medmoe.training.tokenizer import train_wordpiece_tokenizer
 from modeling_medmoe import MedMoEConfig, MedMoEImageProcessor, MedMoEModel, MedMoEProcessor
-from training.tokenizer import train_wordpiece_tokenizer
 
 REPORTS = [
     "Chest radiograph shows a small nodule in the left upper lobe.",
@@ -88,3 +91,30 @@ def handler_folder(tmp_path_factory, nano_folder):
     shutil.copytree(nano_folder, folder)
     shutil.copyfile("model_card/handler.py", folder / "handler.py")
     return folder
+
+
+ARCHIVE_ROWS = 40  # phantoms in the archive folder
+
+
+@pytest.fixture(scope="session")
+def phantoms():
+    from medmoe.training.synthetic import synthetic_stream
+
+    return list(synthetic_stream(seed=11, num_shards=1, rows_per_shard=ARCHIVE_ROWS, image_size=64))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory, phantoms):
+    """Phantoms as PNG files in nested modality folders, a DICOM without suffix, a compressed DICOM that cannot be
+    decoded here, and a broken PNG."""
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path_factory.mktemp("archive")
+    for number, row in enumerate(phantoms):
+        folder = root / row["modality"] / ("older" if number % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{number:03d}.png")
+    shutil.copyfile(get_testdata_file("CT_small.dcm", download=False), root / "CT" / "series_1")
+    shutil.copyfile(get_testdata_file("JPEG-lossy.dcm", download=False), root / "MRI" / "lossless.dcm")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
