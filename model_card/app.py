@@ -71,26 +71,27 @@ def overlay(image: torch.Tensor, attention: torch.Tensor, alpha: float = 0.5) ->
 def build_interface(demo: Demo):
     import gradio as gr
 
-    def predict(image, dicom_file, labels_text, window):
-        chosen = dicom_file if dicom_file is not None else image
-        if chosen is None:
+    def predict(upload, labels_text, window):
+        if upload is None:
             raise gr.Error("Upload an image or a DICOM file.")
-        try:
-            return demo.predict(chosen, labels_text, window)
-        except (ValueError, ImportError) as error:  # undecodable image or DICOM, bad window: say why
+        try:  # the file's bytes, as the archive search page sends them: the image processor tells DICOM from images
+            with open(upload, "rb") as handle:
+                return demo.predict(handle.read(), labels_text, window)
+        except (ValueError, ImportError) as error:  # undecodable image or DICOM, bad window, over the limits: say why
             raise gr.Error(str(error)) from None
 
     return gr.Interface(
         fn=predict,
         inputs=[
-            gr.Image(type="pil", label="medical image"),
-            gr.File(label="or a DICOM file", type="filepath"),
+            gr.File(label="an image or a DICOM file", type="filepath"),
             gr.Textbox(label="labels (comma-separated)"),
             gr.Textbox(label="DICOM window: lung, mediastinum, bone, brain, abdomen or centre,width (optional)"),
         ],
         outputs=[gr.Label(label="zero-shot scores"), gr.Textbox(label="chosen expert"), gr.Image(label="attention")],
         title="MedMoE",
         description="Research demo, not for clinical use.",
+        flagging_mode="never",
+        analytics_enabled=False,
     )
 
 
@@ -100,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model:
         parser.error("pass --model or set MEDMOE_MODEL")
-    build_interface(Demo(args.model)).launch()
+    demo = Demo(args.model)
+    build_interface(demo).launch(max_file_size=demo.processor.image_processor.limits.max_image_bytes)
 
 
 if __name__ == "__main__":
