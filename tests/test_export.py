@@ -15,7 +15,7 @@ from medmoe.training import export  # noqa: E402
 from modeling_medmoe import MedMoEModel  # noqa: E402
 from modeling_medmoe.onnx_image_encoder import OnnxImageEncoder, has_onnx_export  # noqa: E402
 
-from .test_archive import image_folder, phantoms, run_index  # noqa: E402, F401
+from .test_archive import run_index  # noqa: E402
 
 
 def varied_images(count: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ def test_the_export_is_refused_clearly(tmp_path, nano_folder):
         OnnxImageEncoder(nano_folder)
 
 
-def test_medmoe_index_and_the_evaluation_run_on_the_export(exported, image_folder, tmp_path):  # noqa: F811
+def test_medmoe_index_and_the_evaluation_run_on_the_export(exported, image_folder, tmp_path):
     from medmoe.training import run_evaluation
 
     folder, _ = exported
