@@ -35,7 +35,7 @@ from benchmarks.common import print_json, print_table
 DIMENSION = 128
 QUERIES = 200
 K = 10
-SCALE_SETTINGS = ((64, 256), (128, 1024), (256, 256), (256, 1024), (256, 2048), (512, 2048))  # part 3's sweep
+SCALE_SETTINGS = ((64, 256), (128, 256), (256, 256), (256, 1024), (256, 2048), (512, 2048))  # part 3, besides default
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
